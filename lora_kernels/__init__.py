@@ -1,0 +1,15 @@
+"""lora_kernels: LoRA for any PyTorch model, with many tasks, mixed-task batches and fused kernels.
+
+    import lora_kernels as lk
+    model = lk.Model(model)
+    model.add_task("a")
+    y = model(x, task="a")                  # one task
+    y = model(x, task=["a", None, "b"])     # one task per sample
+"""
+
+__version__ = "0.1.0"
+
+from . import ops
+from .ops import available_backends, set_backend, use_backend
+
+__all__ = ["Model", "register_base_module_wrapper", "ops", "set_backend", "use_backend", "available_backends", "__version__"]

@@ -1,0 +1,56 @@
+"""Functional LoRA ops, dispatched to a backend (see :mod:`lora_kernels.ops.dispatch`).
+
+``lora_linear``        y = x @ W.T + b + scale * (dropout(x) @ A.T) @ B.T
+``lora_linear_mixed``  the same with a task per row, ``-1`` rows = base only
+``reference``          the same functions in plain torch: the oracle
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import reference
+from .dispatch import available_backends, resolve, set_backend, use_backend
+from .routing import Routing
+
+__all__ = ["lora_linear", "lora_linear_mixed", "reference", "Routing", "available_backends", "set_backend", "use_backend"]
+
+
+def _needs_grad(*tensors) -> bool:
+    import torch
+
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float = 1.0,
+                *, dropout_p: float = 0.0, backend: str | None = None) -> Tensor:
+    """``y = x @ weight.T + bias + scale * (dropout(x) @ lora_a.T) @ lora_b.T``.
+
+    Shape: x [..., K], weight [N, K], bias [N] or None, lora_a [r, K], lora_b [N, r] -> [..., N].
+    Differentiable in x, weight, bias, lora_a and lora_b.
+    """
+    name = resolve(backend, x, _needs_grad(x, weight, bias, lora_a, lora_b))
+    if name == "triton":
+        from .triton import lora_linear as impl
+    elif name == "cuda":
+        from . import cuda as impl
+    else:
+        impl = reference
+    return impl.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=dropout_p)
+
+
+def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
+                      task_ids: "Tensor | Routing", *, backend: str | None = None) -> Tensor:
+    """Per-row task LoRA linear; see :func:`lora_kernels.ops.reference.lora_linear_mixed`.
+
+    Shape: x [M, K] (or [B, ..., K] with ids per sample, or [..., K] with ids per flattened row),
+    lora_a [T, r, K], lora_b [T, N, r], scales [T], task_ids [M] int (-1 = no task) or a Routing.
+    """
+    name = resolve(backend, x, _needs_grad(x, weight, bias, lora_a, lora_b))
+    if name == "triton":
+        from .triton import lora_linear_mixed as impl
+    elif name == "cuda":
+        from . import cuda as impl
+    else:
+        impl = reference
+    return impl.lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, task_ids)

@@ -1,0 +1,83 @@
+"""Argument checks shared by every backend, so that all of them refuse the same bad calls."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _same_device(name: str, t: Tensor, ref: Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {ref.device}: all tensors must be on one device")
+
+
+def _check_base(op: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[int, int]:
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError(f"{op}: x and weight must be tensors")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{op}: x has dtype {x.dtype}; allowed: float32, float16, bfloat16, float64")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dim [..., K], got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be [N, K], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"{op}: x has {x.shape[-1]} features in its last dim but weight is [N={n}, K={k}]")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} != x dtype {x.dtype}")
+    _same_device("weight", weight, x)
+    if bias is not None:
+        if bias.shape != (n,):
+            raise ValueError(f"{op}: bias must be [N={n}], got shape {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{op}: bias dtype {bias.dtype} != x dtype {x.dtype}")
+        _same_device("bias", bias, x)
+    return n, k
+
+
+def check_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, dropout_p: float) -> int:
+    """Validate the arguments of ``lora_linear``; returns the rank ``r``."""
+    op = "lora_linear"
+    n, k = _check_base(op, x, weight, bias)
+    if lora_a.dim() != 2 or lora_b.dim() != 2:
+        raise ValueError(f"{op}: lora_a must be [r, K] and lora_b [N, r], got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    r = lora_a.shape[0]
+    if r < 1:
+        raise ValueError(f"{op}: rank must be >= 1, got lora_a of shape {tuple(lora_a.shape)}")
+    if lora_a.shape[1] != k or lora_b.shape != (n, r):
+        raise ValueError(f"{op}: with weight [N={n}, K={k}] and rank {r}, lora_a must be [{r}, {k}] and lora_b [{n}, {r}]; "
+                         f"got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} dtype {t.dtype} != x dtype {x.dtype}")
+        _same_device(name, t, x)
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"{op}: dropout_p must lie in [0, 1), got {dropout_p}")
+    return r
+
+
+def check_lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scales: Tensor, num_rows: int) -> int:
+    """Validate the arguments of ``lora_linear_mixed``; returns the (padded) rank ``r``."""
+    op = "lora_linear_mixed"
+    n, k = _check_base(op, x, weight, bias)
+    if lora_a.dim() != 3 or lora_b.dim() != 3:
+        raise ValueError(f"{op}: lora_a must be [T, r, K] and lora_b [T, N, r], got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    t, r, _ = lora_a.shape
+    if r < 1:
+        raise ValueError(f"{op}: rank must be >= 1, got lora_a of shape {tuple(lora_a.shape)}")
+    if lora_a.shape[2] != k or lora_b.shape != (t, n, r):
+        raise ValueError(f"{op}: with weight [N={n}, K={k}], T={t} and rank {r}, lora_a must be [{t}, {r}, {k}] and lora_b "
+                         f"[{t}, {n}, {r}]; got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    for name, tt in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if tt.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} dtype {tt.dtype} != x dtype {x.dtype}")
+        _same_device(name, tt, x)
+    if not isinstance(scales, Tensor) or scales.shape != (t,):
+        raise ValueError(f"{op}: scales must be a tensor [T={t}], got {getattr(scales, 'shape', type(scales))}")
+    lead = x.shape[:-1].numel()
+    if num_rows != lead and (x.dim() < 2 or num_rows != x.shape[0]):
+        raise ValueError(f"{op}: {num_rows} task id(s) fit neither x's dim 0 ({x.shape[0] if x.dim() > 1 else 'none'}) "
+                         f"nor its {lead} flattened rows (x shape {tuple(x.shape)})")
+    return r

