@@ -8,6 +8,8 @@ rebuilt per layer.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -54,15 +56,8 @@ class Routing:
                 raise ValueError(f"task id {bad} out of range: ids must lie in [-1, {num_tasks}) for {num_tasks} task(s)")
         counts_all = torch.bincount(task_ids + 1, minlength=num_tasks + 1).tolist()
         self.task_ids = task_ids
-        self.num_tasks = num_tasks
         self.order = torch.sort(task_ids, stable=True).indices
-        self.counts = tuple(counts_all[1:])
-        starts = [counts_all[0]]
-        for c in self.counts:
-            starts.append(starts[-1] + c)
-        self.starts = tuple(starts)
-        self.present = tuple(t for t, c in enumerate(self.counts) if c)
-        self._cache: dict = {}
+        self._set_counts(num_tasks, counts_all)
 
     @classmethod
     def of(cls, task_ids: "Tensor | Routing", num_tasks: int) -> "Routing":
@@ -72,6 +67,37 @@ class Routing:
                 raise ValueError(f"routing was built for {task_ids.num_tasks} task(s) but the stacks hold {num_tasks}")
             return task_ids
         return cls(task_ids, num_tasks)
+
+    @classmethod
+    def from_list(cls, ids: Sequence[int], num_tasks: int, device=None) -> "Routing":
+        """A routing from a Python list of ids, computed on the host.
+
+        No device sync, and traceable by ``torch.compile`` (the list is a compile-time constant),
+        which is how :class:`lora_kernels.Model` builds the routing of a per-sample task list.
+        """
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not -1 <= i < num_tasks:
+                raise ValueError(f"task id {i} out of range: ids must lie in [-1, {num_tasks}) for {num_tasks} task(s)")
+        order = sorted(range(len(ids)), key=lambda m: ids[m])  # Python's sort is stable
+        counts = [0] * (num_tasks + 1)
+        for i in ids:
+            counts[i + 1] += 1
+        new = cls.__new__(cls)
+        new.task_ids = torch.tensor(ids, dtype=torch.int64, device=device)
+        new.order = torch.tensor(order, dtype=torch.int64, device=device)
+        new._set_counts(num_tasks, counts)
+        return new
+
+    def _set_counts(self, num_tasks: int, counts_all: list[int]) -> None:
+        self.num_tasks = num_tasks
+        self.counts = tuple(counts_all[1:])
+        starts = [counts_all[0]]
+        for c in self.counts:
+            starts.append(starts[-1] + c)
+        self.starts = tuple(starts)
+        self.present = tuple(t for t, c in enumerate(self.counts) if c)
+        self._cache = {}
 
     @property
     def num_rows(self) -> int:
@@ -118,8 +144,6 @@ class Routing:
 def _moved(r: Routing, device: torch.device) -> Routing:
     new = Routing.__new__(Routing)
     new.task_ids = r.task_ids.to(device)
-    new.num_tasks = r.num_tasks
     new.order = r.order.to(device)
-    new.counts, new.starts, new.present = r.counts, r.starts, r.present
-    new._cache = {}
+    new._set_counts(r.num_tasks, [r.starts[0], *r.counts])
     return new
