@@ -1,0 +1,51 @@
+"""Wrapped module types and the registry that maps a base type to its wrapper."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from .base import Adapter, CustomLayer, LoRALayer
+from .conv import LoRAConv
+from .embedding import LoRAEmbedding
+from .linear import LoRALinear
+
+__all__ = ["Adapter", "LoRALayer", "CustomLayer", "LoRALinear", "LoRAEmbedding", "LoRAConv",
+           "register_base_module_wrapper", "wrapper_for"]
+
+_BUILTIN: dict[type, Callable[[nn.Module], LoRALayer]] = {
+    nn.Linear: LoRALinear,
+    nn.Embedding: LoRAEmbedding,
+    nn.Conv1d: LoRAConv,
+    nn.Conv2d: LoRAConv,
+    nn.Conv3d: LoRAConv,
+}
+_CUSTOM: dict[type, Callable[[nn.Module], nn.Module]] = {}
+
+
+def register_base_module_wrapper(base_type: type, constructor: Callable[[nn.Module], nn.Module]) -> None:
+    """Wrap every ``base_type`` module that :class:`lora_kernels.Model` meets with ``constructor``.
+
+    ``constructor(module)`` builds one task's module from the base module; that module computes the
+    layer's whole output for its task. Registering a built-in type replaces the built-in wrapper.
+    Models wrapped before the call are not affected.
+    """
+    if not isinstance(base_type, type) or not issubclass(base_type, nn.Module):
+        raise TypeError(f"base_type must be a torch.nn.Module subclass, got {base_type!r}")
+    if not callable(constructor):
+        raise TypeError(f"constructor must be callable (module -> task module), got {constructor!r}")
+    _CUSTOM[base_type] = constructor
+
+
+def wrapper_for(module: nn.Module) -> Callable[[nn.Module], LoRALayer] | None:
+    """The wrapper factory for ``module``'s exact type, or None to look inside it.
+
+    Exact types only: a subclass may override ``forward`` (quantized or fused linears), and wrapping
+    it as its parent would compute the wrong base output. Register such types explicitly.
+    """
+    t = type(module)
+    if t in _CUSTOM:
+        constructor = _CUSTOM[t]
+        return lambda m: CustomLayer(m, constructor)
+    return _BUILTIN.get(t)

@@ -1,0 +1,221 @@
+"""The wrapper every adapted module becomes, and the per-task adapter it holds.
+
+A :class:`LoRALayer` keeps the original module as ``base`` (untouched: same parameters, same
+forward) and one adapter per task in ``adapters``. Built-in types (Linear, Embedding, Conv) hold
+an :class:`Adapter` with ``lora_A`` / ``lora_B`` and compute ``base(x) + scale * B(A(dropout(x)))``
+without ever materialising ``W + B·A``. Custom types registered with
+:func:`lora_kernels.register_base_module_wrapper` hold whatever module their constructor builds;
+that module computes the layer's whole output for its task (the seed's semantics).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.reference import segmented_delta
+from ..ops.routing import Routing
+from .routing import Mix, Route, current_route
+
+INITS = ("paper", "gaussian", "kaiming_both")
+
+
+class Adapter(nn.Module):
+    """One task's low-rank pair for one layer: ``lora_A`` then ``lora_B``, scaled by ``scale``.
+
+    The state-dict keys are ``lora_A.weight`` and ``lora_B.weight`` (PEFT's names).
+    """
+
+    def __init__(self, lora_a: nn.Module, lora_b: nn.Module, rank: int, alpha: float, rslora: bool, dropout: float):
+        super().__init__()
+        self.lora_A = lora_a
+        self.lora_B = lora_b
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.rslora = bool(rslora)
+        self.dropout = float(dropout)
+        self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
+
+    def reset(self, init: str) -> None:
+        """Initialise: ``paper`` (A Kaiming-uniform, B = 0), ``gaussian`` (A ~ N(0, 1/r), B = 0),
+        ``kaiming_both`` (the seed's: both Kaiming-uniform, so the task starts away from the base)."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(a, std=1.0 / self.rank)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            if init == "kaiming_both":
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(b)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, rslora={self.rslora}, dropout={self.dropout:g}"
+
+
+class LoRALayer(nn.Module):
+    """Base class of the wrappers: ``base`` plus ``adapters[task]``, routed per call.
+
+    Subclasses for built-in types implement :meth:`make_adapter`, :meth:`dims`, :meth:`delta`
+    (the LoRA term for given ``A``, ``B``) and may override :meth:`forward_single` /
+    :meth:`forward_mixed` with fused ops.
+    """
+
+    #: number of groups the rank is split into (grouped convs); 1 elsewhere.
+    groups: int = 1
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.path = ""  # set by Model: the module's path in the original model, for errors and keys
+        self._stack_cache: dict = {}  # kernels' stacked adapters, see LoRALinear._stacks
+
+    def clear_cache(self) -> None:
+        """Drop derived copies of the adapters (called when a task is added or removed)."""
+        self._stack_cache = {}
+
+    # --- built by subclasses -------------------------------------------------------------------
+    def dims(self) -> tuple[int, int]:
+        """(in, out) sizes that bound the rank."""
+        raise NotImplementedError
+
+    def make_adapter(self, rank: int, alpha: float, rslora: bool, dropout: float) -> Adapter:
+        raise NotImplementedError
+
+    def delta(self, x: Tensor, a: Tensor, b: Tensor, scale: float, dropout_p: float) -> Tensor:
+        """The LoRA term ``scale * B(A(dropout(x)))`` for weights ``a``, ``b`` (any rank)."""
+        raise NotImplementedError
+
+    def default_rank(self) -> int:
+        """The seed's rule: ``int(sqrt(min(in, out)))``, rounded up to a multiple of the groups."""
+        r = max(1, int(math.sqrt(min(self.dims()))))
+        return -(-r // self.groups) * self.groups
+
+    def check_rank(self, rank: int) -> None:
+        lo, hi = 1, min(self.dims())
+        if not isinstance(rank, int) or isinstance(rank, bool) or not lo <= rank <= max(hi, 1):
+            raise ValueError(f"rank {rank!r} out of range for layer '{self.path}': an int in [{lo}, {max(hi, 1)}] "
+                             f"(min of its in/out sizes {self.dims()})")
+        if rank % self.groups:
+            raise ValueError(f"rank {rank} for layer '{self.path}' must be a multiple of its groups ({self.groups})")
+
+    # --- weights of a mix ----------------------------------------------------------------------
+    def mix_weights(self, mix: Mix) -> list[tuple[Tensor, Tensor, float, float]]:
+        """``[(A, B, scale, dropout_p), ...]`` computing the weighted sum of the mix's tasks.
+
+        Tasks are concatenated along the rank (``A = [A_a; A_b]``, ``B = [w_a s_a B_a, w_b s_b B_b]``,
+        scale 1), so a mix costs one LoRA call; tasks whose dropout differs (in training) get
+        their own group so each keeps its own mask. A single task with weight 1 returns its own
+        parameters untouched (no copy).
+        """
+        present = [(self.adapters[n], w) for n, w in mix if n in self.adapters]
+        if not present:
+            return []
+        p_of = (lambda ad: ad.dropout) if self.training else (lambda ad: 0.0)
+        if len(present) == 1 and present[0][1] == 1.0:
+            ad = present[0][0]
+            return [(ad.lora_A.weight, ad.lora_B.weight, ad.scale, p_of(ad))]
+        groups: dict[float, list] = {}
+        for ad, w in present:
+            groups.setdefault(p_of(ad), []).append((ad, w))
+        out = []
+        for p, members in groups.items():
+            if len(members) == 1:
+                ad, w = members[0]
+                out.append((ad.lora_A.weight, ad.lora_B.weight, ad.scale * w, p))
+                continue
+            g = self.groups
+            # Grouped layers keep each group's rank channels together: [group j: task 1's, task 2's, ...].
+            a = torch.cat([ad.lora_A.weight.unflatten(0, (g, -1)) for ad, _ in members], dim=1).flatten(0, 1)
+            b = torch.cat([ad.lora_B.weight * (ad.scale * w) for ad, w in members], dim=1)
+            out.append((a, b, 1.0, p))
+        return out
+
+    # --- forward -------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        route = current_route()
+        if route is None or not self.adapters:
+            return self.base(*args, **kwargs)
+        if route.mix is not None:
+            return self.forward_single(route.mix, *args, **kwargs)
+        return self.forward_mixed(route, *args, **kwargs)
+
+    def forward_single(self, mix: Mix, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        y = self.base(x, *args, **kwargs)
+        for a, b, s, p in self.mix_weights(mix):
+            y = y + self.delta(x, a, b, s, p)
+        return y
+
+    def check_batch(self, route: Route, x: Tensor) -> Routing:
+        if x.dim() == 0 or x.shape[0] != route.batch:
+            raise ValueError(f"layer '{self.path}' ({type(self.base).__name__}) got input of shape {tuple(x.shape)}: a per-sample "
+                             f"task list needs dim 0 to be the batch ({route.batch} samples) in every adapted layer")
+        return route.routing.to(x.device)
+
+    def forward_mixed(self, route: Route, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Base output for all rows, then each slot's LoRA term added into its rows only."""
+        routing = self.check_batch(route, x)
+        y = self.base(x, *args, **kwargs)
+        slot_weights = {s: self.mix_weights(route.slots[s]) for s in routing.present}
+
+        def delta(s: int, xs: Tensor) -> Tensor:
+            terms = [self.delta(xs, a, b, sc, p) for a, b, sc, p in slot_weights[s]]
+            if not terms:  # none of this slot's tasks adapts this layer
+                return y.new_zeros((xs.shape[0], *y.shape[1:]))
+            return sum(terms[1:], terms[0])
+
+        return segmented_delta(y, x, routing, delta)
+
+
+class CustomLayer(LoRALayer):
+    """A registered custom type: ``adapters[task]`` is built by the user's constructor from the base
+    module and computes the whole output for its task. Mixes and per-sample batches combine those
+    outputs (``base + sum_t w_t (f_t(x) - base(x))``; per-sample: one call per slot segment)."""
+
+    def __init__(self, base: nn.Module, constructor: Callable[[nn.Module], nn.Module]):
+        super().__init__(base)
+        self.constructor = constructor
+
+    def own_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
+        """The task module's parameters that are not the base module's (those stay the base's)."""
+        shared = {id(p) for p in self.base.parameters()}
+        return [(k, p) for k, p in self.adapters[name].named_parameters() if id(p) not in shared]
+
+    def own_state(self, name: str, keep_vars: bool = False) -> dict[str, Tensor]:
+        shared = {id(t) for t in self.base.state_dict(keep_vars=True).values()}
+        return {k: v if keep_vars else v.detach() for k, v in self.adapters[name].state_dict(keep_vars=True).items() if id(v) not in shared}
+
+    def forward_single(self, mix: Mix, *args: Any, **kwargs: Any) -> Any:
+        present = [(self.adapters[n], w) for n, w in mix if n in self.adapters]
+        if len(present) == 1 and present[0][1] == 1.0:
+            return present[0][0](*args, **kwargs)
+        y = base = self.base(*args, **kwargs)
+        for module, w in present:
+            y = y + w * (module(*args, **kwargs) - base)
+        return y
+
+    def forward_mixed(self, route: Route, *args: Any, **kwargs: Any) -> Any:
+        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+        routing = self.check_batch(route, x)
+        y = self.base(*args, **kwargs)
+        if not isinstance(y, Tensor):
+            raise TypeError(f"layer '{self.path}': per-sample task lists need the custom module to return a tensor, got {type(y).__name__}")
+        batch = x.shape[0]
+
+        def take(v, rows):
+            return v.index_select(0, rows) if isinstance(v, Tensor) and v.dim() and v.shape[0] == batch else v
+
+        parts = []
+        for s in routing.present:
+            rows = routing.rows(s)
+            sub_args = [take(v, rows) for v in args]
+            sub_kwargs = {k: take(v, rows) for k, v in kwargs.items()}
+            parts.append(self.forward_single(route.slots[s], *sub_args, **sub_kwargs))
+        if not parts:
+            return y
+        return y.index_copy(0, routing.active_rows, torch.cat(parts).to(y.dtype))

@@ -1,0 +1,96 @@
+"""``nn.Linear``: ``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` through the dispatched fused ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops.dispatch import resolve
+from ..ops.reference import segmented_delta
+from .base import Adapter, LoRALayer
+from .routing import Mix, Route
+
+
+class LoRALinear(LoRALayer):
+    """Shape: x [B, ..., in] -> [B, ..., out]. ``A [r, in]``, ``B [out, r]``."""
+
+    def dims(self) -> tuple[int, int]:
+        return self.base.in_features, self.base.out_features
+
+    def make_adapter(self, rank: int, alpha: float, rslora: bool, dropout: float) -> Adapter:
+        w = self.base.weight
+        kw = dict(bias=False, device=w.device, dtype=w.dtype)
+        return Adapter(nn.Linear(self.base.in_features, rank, **kw), nn.Linear(rank, self.base.out_features, **kw),
+                       rank, alpha, rslora, dropout)
+
+    def delta(self, x: Tensor, a: Tensor, b: Tensor, scale: float, dropout_p: float) -> Tensor:
+        if dropout_p:
+            x = nn.functional.dropout(x, dropout_p, training=True)
+        return nn.functional.linear(nn.functional.linear(x, a) * scale, b)
+
+    def forward_single(self, mix: Mix, x: Tensor) -> Tensor:
+        groups = self.mix_weights(mix)
+        if not groups:
+            return self.base(x)
+        (a, b, s, p), rest = groups[0], groups[1:]
+        y = ops.lora_linear(x, self.base.weight, self.base.bias, a, b, s, dropout_p=p)
+        for a, b, s, p in rest:
+            y = y + self.delta(x, a, b, s, p)
+        return y
+
+    def forward_mixed(self, route: Route, x: Tensor) -> Tensor:
+        routing = self.check_batch(route, x)
+        weights = {s: self.mix_weights(route.slots[s]) for s in routing.present}
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for g in weights.values() for t, *_ in g))
+        one_group = all(len(g) == 1 and g[0][3] == 0.0 for g in weights.values())
+        if one_group and resolve(None, x, needs_grad) != "torch":
+            a, b, scales = self._stacks(route, weights, x)
+            return ops.lora_linear_mixed(x, self.base.weight, self.base.bias, a, b, scales, routing)
+        # torch path: per-slot weights as they are (no stacking, no rank padding).
+        y = self.base(x)
+
+        def delta(s: int, xs: Tensor) -> Tensor:
+            terms = [self.delta(xs, a, b, sc, p) for a, b, sc, p in weights[s]]
+            return sum(terms[1:], terms[0]) if terms else y.new_zeros((xs.shape[0], *y.shape[1:]))
+
+        return segmented_delta(y, x, routing, delta)
+
+    def _stacks(self, route: Route, weights: dict, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Zero-padded ``A [T, r, in]``, ``B [T, out, r]``, ``scales [T]`` for the kernels.
+
+        Slots absent from the batch (or from this layer) stay zero. Stacking copies the adapters, so
+        without grad the stacks are cached on the layer, keyed by the route's slots and the
+        parameters' version counters: steady-state inference copies nothing per forward.
+        """
+        key = route.slots
+        versions = tuple((s, tuple((a._version, b._version, id(a), id(b)) for a, b, *_ in g)) for s, g in weights.items())
+        grad = torch.is_grad_enabled() and any(t.requires_grad for g in weights.values() for t, *_ in g)
+        if not grad:
+            hit = self._stack_cache.get(key)
+            if hit is not None and hit[0] == versions:
+                return hit[1]
+        t = len(route.slots)
+        r = max([g[0][0].shape[0] for g in weights.values()] + [1])
+        w = self.base.weight
+        a_rows, b_cols, scales = [], [], []
+        for s in range(t):
+            g = weights.get(s)
+            if g:
+                a, b, sc, _ = g[0]
+                pad = r - a.shape[0]
+                a_rows.append(nn.functional.pad(a, (0, 0, 0, pad)) if pad else a)
+                b_cols.append(nn.functional.pad(b, (0, pad)) if pad else b)
+                scales.append(sc)
+            else:
+                a_rows.append(w.new_zeros(r, w.shape[1]))
+                b_cols.append(w.new_zeros(w.shape[0], r))
+                scales.append(0.0)
+        stacks = (torch.stack(a_rows), torch.stack(b_cols), torch.tensor(scales, dtype=torch.float32, device=w.device))
+        if not grad:
+            cache = dict(self._stack_cache)  # copy-on-write: safe against concurrent readers
+            if len(cache) >= 8:  # a few distinct slot sets at most; oldest out
+                cache.pop(next(iter(cache)))
+            cache[key] = (versions, stacks)
+            self._stack_cache = cache
+        return stacks

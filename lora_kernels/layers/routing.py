@@ -1,0 +1,71 @@
+"""Per-call task routing from :class:`lora_kernels.Model` to its layers.
+
+``Model.forward`` turns its ``task=`` argument into one :class:`Route` and makes it current for the
+duration of the call; every wrapped layer reads it. Nothing is stored on the model:
+
+- in eager mode the route lives in a :class:`contextvars.ContextVar`, so threads (and async tasks)
+  each see their own, and the ``finally`` that resets it runs even when the model raises;
+- under ``torch.compile`` context variables cannot be traced, so the route is pushed on a plain
+  list for the duration of the traced call (the route is then a compile-time constant: the task
+  names are guarded on, and a new task selection recompiles).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..ops.routing import Routing
+
+# A mix: ((task name, weight), ...) in a fixed order. One task is ((name, 1.0),).
+Mix = tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Route:
+    """The task selection of one model call.
+
+    ``mix`` is set for a whole-batch selection (one task or a weighted sum). For a per-sample list,
+    ``slots`` holds the distinct mixes and ``routing`` maps each sample (dim 0) to its slot
+    (``-1`` = base model only).
+    """
+
+    mix: Mix | None = None
+    slots: tuple[Mix, ...] = ()
+    routing: Routing | None = None
+
+    @property
+    def batch(self) -> int | None:
+        return None if self.routing is None else self.routing.num_rows
+
+
+_current: contextvars.ContextVar[Route | None] = contextvars.ContextVar("lora_kernels_route", default=None)
+_compile_stack: list[Route] = []
+
+
+def current_route() -> Route | None:
+    """The route of the model call in progress on this thread, or None outside one."""
+    if torch.compiler.is_compiling():
+        return _compile_stack[-1] if _compile_stack else None
+    return _current.get()
+
+
+@contextlib.contextmanager
+def routed(route: Route | None) -> Iterator[None]:
+    """Make ``route`` current for the body of the ``with`` (and nothing after it)."""
+    if torch.compiler.is_compiling():
+        _compile_stack.append(route)
+        try:
+            yield
+        finally:
+            _compile_stack.pop()
+        return
+    token = _current.set(route)
+    try:
+        yield
+    finally:
+        _current.reset(token)
