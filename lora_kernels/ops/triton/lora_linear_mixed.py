@@ -1,0 +1,632 @@
+"""Mixed-task LoRA linear in Triton: segmented gather, forward and backward.
+
+    y[m] = x[m] @ W.T + b + s_t * (x[m] @ A_t.T) @ B_t.T,   t = task_ids[m]   (t = -1: base only)
+
+Shape: x [M, K] (or [B, ..., K] with one id per dim-0 sample, or [..., K] with one id per
+flattened row), weight [N, K], bias [N] | None, lora_a [T, r, K], lora_b [T, N, r], scales [T],
+task_ids [M] int or a :class:`~lora_kernels.ops.routing.Routing`.
+
+Everything works in *sorted row space*: position ``p`` holds row ``order[p]``, where ``order`` is the
+stable sort of the ids (``-1`` rows first, then task 0, 1, ...). Task ``t`` owns the contiguous
+positions ``[seg_off[t], seg_off[t + 1])``. Three device tensors describe a batch -- ``order``
+(int64 [M]), ``sorted_ids`` (int32 [M]) and ``seg_off`` (int32 [T + 1]) -- built once per batch
+(cached on the Routing) and passed to the custom op as plain tensors. Every kernel derives the
+tasks of its row tile from them on the device: a tile ``[p0, p1)`` covers the tasks
+``sorted_ids[p0] .. sorted_ids[p1 - 1]`` and nothing else, so no host-side tile map (and no host
+sync) is needed, which is what lets ``torch.compile`` trace the op with raw ids.
+
+Kernels (this file stacks kernels -> launchers -> custom ops + fakes -> autograd):
+
+``_shrink_bgmv_kernel``  h[p] = s_t * x[order[p]] @ A_t.T, one program per row (GEMV on CUDA
+                         cores). Decode: a row's A_t is the only thing read, nothing is padded
+                         to a 16-row MMA tile when every row has its own task.
+``_shrink_sgmv_kernel``  the same over BLOCK_M consecutive sorted rows with ``tl.dot``, looping
+                         over the (few) task segments that intersect the tile. Prefill: long
+                         segments make almost every tile single-task.
+``_fused_kernel``        y tile = x @ W.T + b (shared base GEMM, every row) plus, per segment in
+                         the tile, h_seg @ B_t.T -- base and LoRA in one output tile, y written
+                         once (scattered back to original rows). ``-1`` rows take the base
+                         accumulator untouched through ``tl.where``: bit-identical to the same
+                         kernel with no task at all.
+``_segsum_kernel``       out[t] = P_seg(t).T @ Q[order[seg(t)]] -- the per-task weight gradients
+                         as a segmented reduction: one program owns a (task, r-block, d-block)
+                         output tile and loops over its segment's rows in a fixed order. No
+                         atomics, so gradients are bitwise deterministic; long segments are split
+                         in a fixed number of chunks whose fp32 partials are summed by torch in
+                         a fixed order.
+
+Backward reuses them through strides: g = s_t * dy @ B_t is a shrink with B_t viewed as [r, N];
+dx = dy @ W + g @ A_t is the fused kernel with W viewed as [K, N] and A_t as [K, r];
+dA_t = g_seg.T @ x_seg and dB_t = dy_seg.T @ h_seg are segment sums. dW = dy.T @ x and db are
+plain torch (cuBLAS is already at the floor for that GEMM) and only computed when needed.
+
+Precision: fp32 accumulate everywhere; h = x @ A.T stays fp32 in memory (it is [M, r], tiny) and
+is rounded to the input dtype only as an MMA operand of the expand. fp32 inputs use
+``input_precision="ieee"`` (no TF32) so fp32 matches torch's default numerics.
+
+Ranks: the stacks are zero-padded to the largest rank R. Passing ``ranks`` ([T] int32, the true
+rank of each task, padding beyond it zero) makes every kernel bound its r loops by ``ranks[t]``:
+a rank-8 task in a stack padded to 64 then reads 8/64 of its A_t/B_t rows and does 8/64 of the
+shrink/expand MACs. In decode (memory-bound: bytes of A_t/B_t dominate the LoRA cost) that is the
+whole saving; in prefill it is ~r/N of the base GEMM and mostly invisible.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..checks import check_lora_linear_mixed
+from ..routing import Routing
+
+__all__ = ["lora_linear_mixed", "batch_metadata", "shipped_configs", "BGMV_MAX_M"]
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _shrink_bgmv_kernel(
+    x_ptr, a_ptr, s_ptr, h_ptr, order_ptr, sid_ptr, rank_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_at, stride_ar, stride_ak, stride_hm, stride_hr,
+    HAS_RANKS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """h[p, r] = s_t * sum_k x[order[p], k] * A[t, r, k]; one program per (sorted row, r-block).
+
+    Rows with t = -1 (and r-blocks past the task's rank) loop zero times and store zeros.
+    """
+    p = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    row = tl.load(order_ptr + p).to(tl.int64)
+    t = tl.load(sid_ptr + p)
+    tt = tl.maximum(t, 0).to(tl.int64)
+    if HAS_RANKS:
+        r_t = tl.load(rank_ptr + tt)
+    else:
+        r_t = R
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    r_mask = offs_r < r_t
+    k_end = tl.where((t >= 0) & (pid_r * BLOCK_R < r_t), K, 0)
+    x_ptrs = x_ptr + row * stride_xm + offs_k.to(tl.int64) * stride_xk
+    a_ptrs = a_ptr + tt * stride_at + offs_r[:, None].to(tl.int64) * stride_ar + offs_k[None, :].to(tl.int64) * stride_ak
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        k_mask = offs_k < K - k0
+        xv = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+        av = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(av * xv[None, :], axis=1)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    s = tl.load(s_ptr + tt)
+    acc = tl.where(t >= 0, acc * s, 0.0)
+    tl.store(h_ptr + tl.cast(p, tl.int64) * stride_hm + offs_r.to(tl.int64) * stride_hr, acc, mask=offs_r < R)
+
+
+@triton.jit
+def _shrink_sgmv_kernel(
+    x_ptr, a_ptr, s_ptr, h_ptr, order_ptr, sid_ptr, seg_ptr, rank_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_at, stride_ar, stride_ak, stride_hm, stride_hr,
+    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """h tile [BLOCK_M sorted rows, BLOCK_R] = s_t * x_seg @ A_t.T for each segment in the tile."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    p0 = pid_m * BLOCK_M
+    p1 = tl.minimum(p0 + BLOCK_M, M)
+    offs_p = p0 + tl.arange(0, BLOCK_M)
+    p_mask = offs_p < M
+    rows = tl.load(order_ptr + offs_p, mask=p_mask, other=0).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    t_first = tl.load(sid_ptr + p0)
+    t_last = tl.load(sid_ptr + p1 - 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    # Sorted ids: the tasks in [t_first, t_last] either own rows of this tile or none at all.
+    for t in range(tl.maximum(t_first, 0), t_last + 1):
+        lo = tl.load(seg_ptr + t)
+        hi = tl.load(seg_ptr + t + 1)
+        if HAS_RANKS:
+            r_t = tl.load(rank_ptr + t)
+        else:
+            r_t = R
+        if (hi > lo) & (pid_r * BLOCK_R < r_t):
+            in_seg = (offs_p >= lo) & (offs_p < hi)
+            r_mask = offs_r < r_t
+            x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+            a_ptrs = (a_ptr + tl.cast(t, tl.int64) * stride_at + offs_r[None, :].to(tl.int64) * stride_ar
+                      + offs_k[:, None].to(tl.int64) * stride_ak)
+            part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k_mask = offs_k < K - k0
+                xt = tl.load(x_ptrs, mask=in_seg[:, None] & k_mask[None, :], other=0.0)
+                at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+                part = tl.dot(xt, at, part, input_precision=PRECISION)
+                x_ptrs += BLOCK_K * stride_xk
+                a_ptrs += BLOCK_K * stride_ak
+            s = tl.load(s_ptr + t)
+            acc += part * s  # rows outside the segment hold exact zeros in part
+    h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_r[None, :].to(tl.int64) * stride_hr
+    tl.store(h_ptrs, acc, mask=p_mask[:, None] & (offs_r[None, :] < R))
+
+
+@triton.jit
+def _fused_kernel(
+    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, y_ptr, order_ptr, sid_ptr, seg_ptr, rank_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr,
+    stride_bt, stride_bn, stride_br, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y[order[p], n] = x[order[p]] @ W[n] + b[n] + h[p] @ B[t_p, n] for a [BLOCK_M, BLOCK_N] tile.
+
+    Shape (as strides): x [M, K], W [N, K], h [M, R] fp32 (sorted rows), B [T, N, R], y [M, N].
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # GROUP_M row tiles share each W column panel while it is hot in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    p0 = pid_m * BLOCK_M
+    p1 = tl.minimum(p0 + BLOCK_M, M)
+    offs_p = p0 + tl.arange(0, BLOCK_M)
+    p_mask = offs_p < M
+    rows = tl.load(order_ptr + offs_p, mask=p_mask, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # Base GEMM: shared by every row, whatever its task.
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        xt = tl.load(x_ptrs, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+
+    # LoRA expand: one MMA per task segment intersecting the tile, reading only that task's B_t.
+    t_first = tl.load(sid_ptr + p0)
+    t_last = tl.load(sid_ptr + p1 - 1)
+    tids = tl.load(sid_ptr + offs_p, mask=p_mask, other=-1)
+    offs_r = tl.arange(0, BLOCK_R)
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(tl.maximum(t_first, 0), t_last + 1):
+        lo = tl.load(seg_ptr + t)
+        hi = tl.load(seg_ptr + t + 1)
+        if HAS_RANKS:
+            r_t = tl.load(rank_ptr + t)
+        else:
+            r_t = R
+        if hi > lo:
+            in_seg = (offs_p >= lo) & (offs_p < hi)
+            h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_r[None, :].to(tl.int64) * stride_hr
+            b_ptrs = (b_ptr + tl.cast(t, tl.int64) * stride_bt + offs_r[:, None].to(tl.int64) * stride_br
+                      + offs_n[None, :].to(tl.int64) * stride_bn)
+            for r0 in range(0, r_t, BLOCK_R):
+                r_mask = offs_r < r_t - r0
+                ht = tl.load(h_ptrs, mask=in_seg[:, None] & r_mask[None, :], other=0.0)
+                bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                lora = tl.dot(ht.to(bt.dtype), bt, lora, input_precision=PRECISION)
+                h_ptrs += BLOCK_R * stride_hr
+                b_ptrs += BLOCK_R * stride_br
+    # -1 rows keep the base accumulator bit for bit (no "+ 0.0" on them).
+    out = tl.where((tids >= 0)[:, None], acc + lora, acc)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=p_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _segsum_kernel(
+    p_ptr, q_ptr, out_ptr, order_ptr, seg_ptr, rank_ptr,
+    R, D, SPLIT,
+    stride_pm, stride_pr, stride_qm, stride_qd, stride_os, stride_ot, stride_or, stride_od,
+    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[split, t, r, d] = sum over chunk ``split`` of task t's rows p of P[p, r] * Q[order[p], d].
+
+    Shape (as strides): P [M, R] fp32 (sorted rows), Q [M, D] (original rows), out [S, T, R, D] fp32.
+    Absent tasks (and r-blocks past a task's rank) loop zero times and store zeros.
+    """
+    pid0 = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    t = pid0 // SPLIT
+    sp = pid0 % SPLIT
+    lo = tl.load(seg_ptr + t)
+    hi = tl.load(seg_ptr + t + 1)
+    if HAS_RANKS:
+        r_t = tl.load(rank_ptr + t)
+    else:
+        r_t = R
+    # Fixed, BLOCK_M-aligned chunking of the segment: the summation order depends only on the batch.
+    chunk = tl.cdiv(tl.cdiv(hi - lo, SPLIT), BLOCK_M) * BLOCK_M
+    c_lo = lo + sp * chunk
+    c_hi = tl.minimum(c_lo + chunk, hi)
+    c_hi = tl.where(pid_r * BLOCK_R < r_t, c_hi, c_lo)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_M)
+    r_mask = offs_r < r_t
+    d_mask = offs_d < D
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for m0 in range(c_lo, c_hi, BLOCK_M):
+        offs_p = m0 + offs_m
+        pm = offs_p < c_hi
+        rows = tl.load(order_ptr + offs_p, mask=pm, other=0).to(tl.int64)
+        pt = tl.load(p_ptr + offs_p[None, :].to(tl.int64) * stride_pm + offs_r[:, None].to(tl.int64) * stride_pr,
+                     mask=pm[None, :] & r_mask[:, None], other=0.0)
+        qt = tl.load(q_ptr + rows[:, None] * stride_qm + offs_d[None, :].to(tl.int64) * stride_qd,
+                     mask=pm[:, None] & d_mask[None, :], other=0.0)
+        acc = tl.dot(pt.to(qt.dtype), qt, acc, input_precision=PRECISION)
+    o_ptrs = (out_ptr + tl.cast(sp, tl.int64) * stride_os + tl.cast(t, tl.int64) * stride_ot
+              + offs_r[:, None].to(tl.int64) * stride_or + offs_d[None, :].to(tl.int64) * stride_od)
+    tl.store(o_ptrs, acc, mask=(offs_r[:, None] < R) & d_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and launchers
+# ----------------------------------------------------------------------------------------------
+
+#: At most this many rows: the shrink runs BGMV-style (one program per row). A 16-row MMA tile
+#: of a decode batch with distinct tasks holds one useful row in 16; the GEMV reads the same
+#: bytes (A_t) without the idle lanes. Above it, or when segments are long, SGMV tiles win.
+BGMV_MAX_M = 64
+#: Mean rows per task segment below which the SGMV shrink would run mostly masked tiles
+#: (only known when a Routing is given; raw ids under torch.compile use the M rule alone).
+BGMV_MAX_MEAN_SEGMENT = 16
+#: Row count above which the per-task weight-gradient reduction is split into fixed chunks.
+SEGSUM_SPLIT_ROWS = 2048
+#: fp32 partial-buffer budget for the split reduction (bytes).
+SEGSUM_SPLIT_BYTES = 1 << 28
+
+_PRECISION = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "tf32"}
+
+
+class FusedConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def _fused_config(m: int, elem: int) -> FusedConfig:
+    """Tile of the fused base+LoRA kernel by row count. Numbers for bf16 on an H200 (untuned
+    here: no GPU in CI); smem per stage = (BM + BN) * BK * elem bytes, kept under 164 KB (sm_80)."""
+    bk = 64 if elem == 2 else 32
+    if m <= 16:  # decode: memory-bound GEMV-like; narrow N tiles give >= 128 CTAs for N = 4096
+        return FusedConfig(16, 32, 2 * bk, 4, 4)
+    if m <= 128:
+        return FusedConfig(64, 64, bk, 4, 4)
+    return FusedConfig(128, 128, bk, 8, 3)
+
+
+def _block_r(r: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(r)))
+
+
+def _shrink_tile(m: int, elem: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the SGMV shrink."""
+    bk = 64 if elem == 2 else 32
+    return (64 if m >= 1024 else 32), bk, 4, 3
+
+
+def _bgmv_block_k(elem: int) -> int:
+    return 256 if elem == 2 else 128
+
+
+def _segsum_tile(elem: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps, num_stages) of the segmented weight-gradient reduction."""
+    return (32, 64, 4, 3) if elem == 2 else (32, 32, 4, 3)
+
+
+def _shrink(x: Tensor, a_strides, a: Tensor, scales: Tensor, ranks: Tensor | None, order: Tensor, sorted_ids: Tensor,
+            seg_off: Tensor, r: int, bgmv: bool) -> Tensor:
+    """h [M, r] fp32, sorted rows: h[p] = s_t * x[order[p]] @ A_t.T with A_t given by ``a_strides``
+    (t, r, k). Rows without a task (and ranks' padding) are zero."""
+    m, k = x.shape
+    h = torch.empty((m, r), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return h
+    elem = x.element_size()
+    br = _block_r(r)
+    rk = ranks if ranks is not None else sorted_ids  # dummy pointer when HAS_RANKS is False
+    if bgmv:
+        _shrink_bgmv_kernel[(m, triton.cdiv(r, br))](
+            x, a, scales, h, order, sorted_ids, rk, m, k, r,
+            x.stride(0), x.stride(1), *a_strides, h.stride(0), h.stride(1),
+            HAS_RANKS=ranks is not None, BLOCK_K=_bgmv_block_k(elem), BLOCK_R=br, num_warps=4, num_stages=1)
+    else:
+        bm, bk, nw, ns = _shrink_tile(m, elem)
+        _shrink_sgmv_kernel[(triton.cdiv(m, bm), triton.cdiv(r, br))](
+            x, a, scales, h, order, sorted_ids, seg_off, rk, m, k, r,
+            x.stride(0), x.stride(1), *a_strides, h.stride(0), h.stride(1),
+            HAS_RANKS=ranks is not None, PRECISION=_PRECISION[x.dtype],
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=nw, num_stages=ns)
+    return h
+
+
+def _fused(x: Tensor, w_strides, w: Tensor, n: int, bias: Tensor | None, h: Tensor, b_strides, b: Tensor,
+           ranks: Tensor | None, order: Tensor, sorted_ids: Tensor, seg_off: Tensor, r: int) -> Tensor:
+    """y [M, n] = x @ W.T + bias + per-segment h @ B_t.T, with W (n, k) and B (t, n, r) given by strides."""
+    m, k = x.shape
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return y
+    cfg = _fused_config(m, x.element_size())
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    _fused_kernel[grid](
+        x, w, bias if bias is not None else x, h, b, y, order, sorted_ids, seg_off,
+        ranks if ranks is not None else sorted_ids, m, n, k, r,
+        x.stride(0), x.stride(1), *w_strides, h.stride(0), h.stride(1), *b_strides, y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None, PRECISION=_PRECISION[x.dtype],
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=_block_r(r), GROUP_M=8,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
+
+
+def _segsum(p: Tensor, q: Tensor, order: Tensor, seg_off: Tensor, ranks: Tensor | None, t: int, r: int,
+            transpose_out: bool, out_dtype: torch.dtype) -> Tensor:
+    """out[t] = P[seg t].T @ Q[order[seg t]]: [T, r, D] (or [T, D, r] with ``transpose_out``)."""
+    m, d = q.shape
+    split = 1
+    if m > SEGSUM_SPLIT_ROWS:
+        split = min(8, m // SEGSUM_SPLIT_ROWS * 2)
+        while split > 1 and split * t * r * d * 4 > SEGSUM_SPLIT_BYTES:
+            split //= 2
+    shape = (split, t, d, r) if transpose_out else (split, t, r, d)
+    buf = torch.empty(shape, device=q.device, dtype=torch.float32)
+    if buf.numel():
+        s_or, s_od = (buf.stride(3), buf.stride(2)) if transpose_out else (buf.stride(2), buf.stride(3))
+        bm, bd, nw, ns = _segsum_tile(q.element_size())
+        br = _block_r(r)
+        _segsum_kernel[(t * split, triton.cdiv(r, br), triton.cdiv(d, bd))](
+            p, q, buf, order, seg_off, ranks if ranks is not None else seg_off, r, d, split,
+            p.stride(0), p.stride(1), q.stride(0), q.stride(1), buf.stride(0), buf.stride(1), s_or, s_od,
+            HAS_RANKS=ranks is not None, PRECISION=_PRECISION[q.dtype],
+            BLOCK_M=bm, BLOCK_R=br, BLOCK_D=bd, num_warps=nw, num_stages=ns)
+    out = buf[0] if split == 1 else buf.sum(0)  # fixed-order reduction of the chunk partials
+    return out.to(out_dtype)
+
+
+def _a_as_rk(a: Tensor):  # A [T, r, K] read as (t, r, k)
+    return a.stride(0), a.stride(1), a.stride(2)
+
+
+def _b_as_nr(b: Tensor):  # B [T, N, r] read as (t, n, r)
+    return b.stride(0), b.stride(1), b.stride(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (+ fakes) and autograd
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_mixed", mutates_args=(), device_types=None)
+def _op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
+        ranks: Tensor | None, order: Tensor, sorted_ids: Tensor, seg_off: Tensor, bgmv: bool) -> tuple[Tensor, Tensor]:
+    """Mixed-task forward on sorted-row metadata. Returns (y [M, N], h [M, r] fp32 sorted rows)."""
+    r = lora_a.shape[1]
+    h = _shrink(x, _a_as_rk(lora_a), lora_a, scales, ranks, order, sorted_ids, seg_off, r, bgmv)
+    w_strides = (weight.stride(0), weight.stride(1))
+    y = _fused(x, w_strides, weight, weight.shape[0], bias, h, _b_as_nr(lora_b), lora_b, ranks, order, sorted_ids, seg_off, r)
+    return y, h
+
+
+@_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scales, ranks, order, sorted_ids, seg_off, bgmv):
+    m = x.shape[0]
+    return x.new_empty((m, weight.shape[0])), x.new_empty((m, lora_a.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_mixed_backward", mutates_args=(), device_types=None)
+def _bwd_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor, ranks: Tensor | None,
+            h: Tensor, order: Tensor, sorted_ids: Tensor, seg_off: Tensor, bgmv: bool,
+            need_dx: bool, need_dlora: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx [M, K], dA [T, r, K], dB [T, N, r]); an output not asked for is an empty [0] tensor."""
+    t, r, k = lora_a.shape
+    n = weight.shape[0]
+    # g[p] = s_t * dy[order[p]] @ B_t: the shrink with B_t read as (t, r, n).
+    g = _shrink(dy, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)), lora_b, scales, ranks, order, sorted_ids,
+                seg_off, r, bgmv)
+    empty = dy.new_empty((0,))
+    dx = empty
+    if need_dx:
+        # dx = dy @ W + g @ A_t: the fused kernel with W read as (k, n) and A_t as (t, k, r).
+        dx = _fused(dy, (weight.stride(1), weight.stride(0)), weight, k, None, g,
+                    (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), lora_a, ranks, order, sorted_ids, seg_off, r)
+    da = db = empty
+    if need_dlora:
+        da = _segsum(g, x, order, seg_off, ranks, t, r, transpose_out=False, out_dtype=lora_a.dtype)
+        db = _segsum(h, dy, order, seg_off, ranks, t, r, transpose_out=True, out_dtype=lora_b.dtype)
+    return dx, da, db
+
+
+@_bwd_op.register_fake
+def _(dy, x, weight, lora_a, lora_b, scales, ranks, h, order, sorted_ids, seg_off, bgmv, need_dx, need_dlora):
+    empty = dy.new_empty((0,))
+    dx = x.new_empty(x.shape) if need_dx else empty
+    da = lora_a.new_empty(lora_a.shape) if need_dlora else empty
+    db = lora_b.new_empty(lora_b.shape) if need_dlora else empty
+    return dx, da, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scales, ranks, order, sorted_ids, seg_off, bgmv = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, scales, ranks, order, sorted_ids, seg_off, output[1])
+    ctx.bgmv = bgmv
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, dh):
+    x, weight, lora_a, lora_b, scales, ranks, order, sorted_ids, seg_off, h = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dx, need_dw, need_db, need_dlora = need[0], need[1], need[2], need[3] or need[4]
+    dx = da = db = dw = dbias = None
+    if need_dx or need_dlora:
+        dx, da, db = _bwd_op(dy, x, weight, lora_a, lora_b, scales, ranks, h, order, sorted_ids, seg_off, ctx.bgmv,
+                             need_dx, need_dlora)
+        dx = dx if need_dx else None
+        da, db = (da if need[3] else None), (db if need[4] else None)
+    if need_dw:  # the shared base GEMM's weight gradient: one cuBLAS GEMM over all rows
+        dw = dy.t().mm(x)
+    if need_db and ctx.has_bias:
+        dbias = dy.sum(0)
+    return dx, dw, dbias, da, db, None, None, None, None, None, None
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------
+
+
+class BatchMetadata(NamedTuple):
+    """Device tensors of a batch's row grouping (see the module docstring)."""
+    order: Tensor       # [M] int64: sorted position -> row
+    sorted_ids: Tensor  # [M] int32: task of each sorted position (-1 first)
+    seg_off: Tensor     # [T + 1] int32: task t owns positions [seg_off[t], seg_off[t + 1])
+
+
+def _metadata_from_ids(ids: Tensor, num_tasks: int) -> BatchMetadata:
+    """Traceable (no host sync): what ``torch.compile`` uses when given raw ids."""
+    sorted_ids, order = torch.sort(ids.to(torch.int64), stable=True)
+    bounds = torch.arange(num_tasks + 1, device=ids.device, dtype=torch.int64)
+    seg_off = torch.searchsorted(sorted_ids, bounds).to(torch.int32)
+    return BatchMetadata(order, sorted_ids.to(torch.int32), seg_off)
+
+
+def batch_metadata(routing: Routing, device) -> BatchMetadata:
+    """The routing's device metadata, built once per batch (cached on the routing)."""
+    def build():
+        r = routing.to(device)
+        return BatchMetadata(r.order, r.task_ids[r.order].to(torch.int32),
+                             torch.tensor(r.starts, dtype=torch.int32, device=device))
+    return routing.cached(("triton.lora_linear_mixed", str(torch.device(device))), build)
+
+
+def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
+                      task_ids: "Tensor | Routing", *, ranks: Tensor | None = None) -> Tensor:
+    """Per-row task LoRA linear (see the module docstring); differentiable in x, weight, bias, lora_a, lora_b.
+
+    Shape: x [M, K] | [B, ..., K] (ids per dim-0 sample) | [..., K] (ids per flattened row),
+    weight [N, K], bias [N] | None, lora_a [T, r, K], lora_b [T, N, r], scales [T],
+    task_ids [M] int (-1 = no task) or a Routing, ranks [T] int (optional, each <= r; A/B
+    beyond a task's rank must be zero) -> y [..., N].
+    """
+    num_tasks = lora_a.shape[0] if lora_a.dim() == 3 else -1
+    compiling = torch.compiler.is_compiling()
+    routing = None
+    if compiling:  # no host syncs in a traced graph: sort and search on the device
+        ids = task_ids.task_ids if isinstance(task_ids, Routing) else task_ids
+        num_rows = ids.numel()
+    else:
+        routing = Routing.of(task_ids, num_tasks)
+        num_rows = routing.num_rows
+    check_lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, num_rows)
+    if x.dtype not in _PRECISION:
+        raise TypeError(f"lora_linear_mixed (triton): x has dtype {x.dtype}; the kernels take float32, float16, bfloat16")
+    if ranks is not None:
+        if ranks.shape != (num_tasks,):
+            raise ValueError(f"lora_linear_mixed: ranks must be [T={num_tasks}], got {tuple(ranks.shape)}")
+        ranks = ranks.to(device=x.device, dtype=torch.int32)
+    k, n = x.shape[-1], weight.shape[0]
+    lead = x.shape[:-1]
+    rows_per_id = lead.numel() // x.shape[0] if (x.dim() >= 2 and num_rows == x.shape[0]) else 1
+    # [B, S, K] with one id per sample: the flattened rows' routing (built once per batch and S).
+    # reshape copies only when the leading dims cannot be flattened as a view: made contiguous on purpose.
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if routing is not None:
+        routing = routing.expand(rows_per_id)
+        meta = batch_metadata(routing, x.device)
+        active = m - routing.starts[0]
+        bgmv = m <= BGMV_MAX_M or active < BGMV_MAX_MEAN_SEGMENT * max(1, len(routing.present))
+    else:
+        if rows_per_id != 1:
+            ids = ids.repeat_interleave(rows_per_id)
+        meta = _metadata_from_ids(ids.to(x.device), num_tasks)
+        bgmv = m <= BGMV_MAX_M
+    scales32 = scales.to(device=x.device, dtype=torch.float32)
+    y, _ = torch.ops.lora_kernels.lora_linear_mixed(x2, weight, bias, lora_a, lora_b, scales32, ranks,
+                                                    meta.order, meta.sorted_ids, meta.seg_off, bgmv)
+    return y.view(*lead, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shipped configs (for the AOT tests: every config the launchers can pick)
+# ----------------------------------------------------------------------------------------------
+
+_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def shipped_configs():
+    """Yield (name, kernel, signature, constexprs, num_warps, num_stages, is_matrix) for every
+    kernel config the launchers can choose, per dtype. ``is_matrix``: an MMA kernel whose tile is
+    big enough for wgmma on sm_90 (BLOCK_M >= 64)."""
+    for dtype, tt in _TT.items():
+        elem = torch.empty((), dtype=dtype).element_size()
+        prec = _PRECISION[dtype]
+        ptr, f32p = f"*{tt}", "*fp32"
+        for br in (16, 64):
+            for has_ranks in (False, True):
+                sig = {"x_ptr": ptr, "a_ptr": ptr, "s_ptr": f32p, "h_ptr": f32p, "order_ptr": "*i64", "sid_ptr": "*i32",
+                       "rank_ptr": "*i32", "M": "i32", "K": "i32", "R": "i32", "stride_xm": "i64", "stride_xk": "i32",
+                       "stride_at": "i64", "stride_ar": "i32", "stride_ak": "i32", "stride_hm": "i32", "stride_hr": "i32"}
+                yield (f"shrink_bgmv_{tt}_r{br}_ranks{int(has_ranks)}", _shrink_bgmv_kernel, sig,
+                       {"HAS_RANKS": has_ranks, "BLOCK_K": _bgmv_block_k(elem), "BLOCK_R": br}, 4, 1, False)
+                sig = dict(sig)
+                sig = {**{k2: v for k2, v in sig.items() if k2 != "rank_ptr"}}
+                sig = {"x_ptr": ptr, "a_ptr": ptr, "s_ptr": f32p, "h_ptr": f32p, "order_ptr": "*i64", "sid_ptr": "*i32",
+                       "seg_ptr": "*i32", "rank_ptr": "*i32", "M": "i32", "K": "i32", "R": "i32", "stride_xm": "i64",
+                       "stride_xk": "i32", "stride_at": "i64", "stride_ar": "i32", "stride_ak": "i32", "stride_hm": "i32",
+                       "stride_hr": "i32"}
+                for m in (64, 4096):
+                    bm, bk, nw, ns = _shrink_tile(m, elem)
+                    yield (f"shrink_sgmv_{tt}_m{bm}_r{br}_ranks{int(has_ranks)}", _shrink_sgmv_kernel, sig,
+                           {"HAS_RANKS": has_ranks, "PRECISION": prec, "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": br},
+                           nw, ns, False)
+                sig = {"x_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "h_ptr": f32p, "b_ptr": ptr, "y_ptr": ptr,
+                       "order_ptr": "*i64", "sid_ptr": "*i32", "seg_ptr": "*i32", "rank_ptr": "*i32",
+                       "M": "i32", "N": "i32", "K": "i32", "R": "i32", "stride_xm": "i64", "stride_xk": "i32",
+                       "stride_wn": "i64", "stride_wk": "i32", "stride_hm": "i32", "stride_hr": "i32",
+                       "stride_bt": "i64", "stride_bn": "i32", "stride_br": "i32", "stride_ym": "i64", "stride_yn": "i32"}
+                for m in (1, 64, 4096):
+                    cfg = _fused_config(m, elem)
+                    yield (f"fused_{tt}_m{cfg.block_m}_r{br}_ranks{int(has_ranks)}", _fused_kernel, sig,
+                           {"HAS_BIAS": True, "HAS_RANKS": has_ranks, "PRECISION": prec, "BLOCK_M": cfg.block_m,
+                            "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "BLOCK_R": br, "GROUP_M": 8},
+                           cfg.num_warps, cfg.num_stages, cfg.block_m >= 64)
+                sig = {"p_ptr": f32p, "q_ptr": ptr, "out_ptr": f32p, "order_ptr": "*i64", "seg_ptr": "*i32",
+                       "rank_ptr": "*i32", "R": "i32", "D": "i32", "SPLIT": "i32", "stride_pm": "i32", "stride_pr": "i32",
+                       "stride_qm": "i64", "stride_qd": "i32", "stride_os": "i64", "stride_ot": "i64", "stride_or": "i32",
+                       "stride_od": "i32"}
+                bm, bd, nw, ns = _segsum_tile(elem)
+                yield (f"segsum_{tt}_r{br}_ranks{int(has_ranks)}", _segsum_kernel, sig,
+                       {"HAS_RANKS": has_ranks, "PRECISION": prec, "BLOCK_M": bm, "BLOCK_R": br, "BLOCK_D": bd},
+                       nw, ns, False)
