@@ -1,0 +1,76 @@
+// Launchers of the lora_kernels CUDA ops. Plain C++ over raw pointers: this header (and the .cu
+// files that implement it) include CUDA headers only, so they compile standalone with `nvcc -c`;
+// the one torch-facing file is bindings.cpp.
+//
+// Shapes (row-major, last dim contiguous; ld* are row strides in elements):
+//   x [M, K]   W [N, K]   bias [N] | null   A [T, r, K]   B [T, N, r]   y [M, N]
+//   h partials (fp32 workspace) [ksplit, M, r]
+// Element offsets are int64 throughout (M * K, T * N * r can pass 2^31).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace lora_kernels {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Tokens a block handles in the fused / shrink kernels: 8 * mt, mt in {1, 2, 4, 8}.
+// The choice is a function of M only (or of the longest task segment for the mixed shrink), so
+// the host code and the workspace sizing agree.
+int tile_tokens_for(int64_t rows);
+
+// Shrink: h_part[s, m, j] = sum_{k in split s} x[m, k] * A[t(m), j, k]   (fp32, no scale).
+//
+// Token tiles: with `tiles == nullptr` the rows are taken in order, `tile_tokens` per tile
+// (single task, t = 0). Otherwise tile i is tiles[3i .. 3i+2] = (task, start, count) and its rows
+// are order[start .. start+count) (count <= tile_tokens): the rows of one task, so every tile
+// reads only its own task's A (segmented / BGMV-style shrink).
+struct ShrinkArgs {
+  DType dtype;
+  const void* x; int64_t ldx;
+  const void* a; int64_t a_task_stride;  // elements between A[t] and A[t+1]; rows of A are K long
+  int64_t M, K, r;
+  const int64_t* order;   // [M] or null
+  const int32_t* tiles;   // [num_tiles, 3] or null
+  int64_t num_tiles;      // ignored when tiles == null
+  int tile_tokens;        // 8, 16, 32 or 64
+  float* h_part;          // [ksplit, M, r]
+  int ksplit;             // from shrink_splits()
+  int64_t k_per_split;    // from shrink_splits()
+  bool use_mma;           // fp16/bf16 on sm_80+ with aligned rows (see can_use_mma)
+};
+
+// How many K splits the shrink uses (and so the workspace's first dim), and their length.
+void shrink_splits(int64_t K, int64_t r, int64_t num_tiles, int tile_tokens, int num_sms,
+                   int* ksplit, int64_t* k_per_split);
+
+// Fused forward: y[m, n] = x[m]·W[n] + bias[n] + s(t) * sum_j h[m, j] * B[t][n, j],
+// h[m, j] = sum_s h_part[s, m, j], t = task_ids[m] (0 when task_ids is null), s(t) = scales[t]
+// (or `scale` when scales is null). Rows with t < 0 get x[m]·W[n] + bias[n] only.
+// accumulate: y already holds the base output (e.g. from cuBLAS): only the LoRA term is added
+// (rows with t < 0 are not touched at all); pass K = 0 then.
+struct FusedArgs {
+  DType dtype;
+  const void* x; int64_t ldx;
+  const void* w; int64_t ldw;
+  const void* bias;
+  void* y; int64_t ldy;
+  int64_t M, N, K;
+  const float* h_part; int ksplit; int64_t r;
+  const void* b; int64_t b_task_stride; int64_t ldb;
+  const int64_t* task_ids;  // [M] or null
+  const float* scales;      // [T] or null
+  float scale;
+  bool accumulate;
+  bool use_mma;
+};
+
+// True when the mma.sync path may run: 2-byte dtype, K % 8 == 0, every row start 16-byte aligned.
+bool can_use_mma(DType dtype, const void* p0, int64_t ld0, const void* p1, int64_t ld1, int64_t task_stride, int64_t K);
+
+cudaError_t launch_shrink(const ShrinkArgs& args, cudaStream_t stream);
+cudaError_t launch_fused(const FusedArgs& args, cudaStream_t stream);
+
+}  // namespace lora_kernels

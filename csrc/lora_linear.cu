@@ -1,0 +1,437 @@
+// Fused LoRA forward kernels for decode-sized batches (M <= 64 rows), single-task and mixed-task.
+//
+//   y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ            (single task)
+//   y[m] = x[m]·Wᵀ + b + s_t·(x[m]·A_tᵀ)·B_tᵀ,  t = task_ids[m], t < 0: base only   (mixed)
+//
+// Why this shape of kernel. At decode an H200 reads W (4096x4096 bf16 = 32 MiB) in ~7 us at
+// 4.8 TB/s while the math is 2·M·N·K flops: the op is memory bound, so the only goal is to stream
+// W, A and B exactly once at full bandwidth and keep x, h = x·Aᵀ and the partial sums on chip.
+// Two launches per op:
+//
+//  1. shrink_kernel: h_part[s, m, :] = x[m, Ks]·A[t]ᵀ (fp32) for K-split s. h is tiny (M x r), but
+//     A is r x K (0.5 MiB at r=64): one block per (16 rows of A, K split, token tile) so that
+//     ~2 blocks per SM pull A in parallel; partials go to an fp32 workspace and are summed by the
+//     consumer (no atomics, no memset, deterministic). Mixed batches: each token tile holds rows of
+//     one task (rows sorted by task, from Routing), so a tile reads only its own A_t: the BGMV
+//     shrink for one token per task, the SGMV shrink for longer segments.
+//  2. fused_kernel: one block owns 16 output columns and a tile of 8..64 tokens; its 8 warps split
+//     K (interleaved 32-element steps, so at any moment the block reads 8 x 64 B contiguous of
+//     every W row it owns) and a shared-memory reduction joins them. Computing h per output block
+//     instead would re-read A once per block (256 blocks x 0.5 MiB = 128 MiB of L2 traffic for
+//     4096 columns at r=64), far more than one small extra launch (~2-3 us of host time, but
+//     back to back on the GPU, and both ops capture in a CUDA graph). The epilogue adds the bias
+//     and the expand s·h·B[t][n]ᵀ in fp32 (h never rounds to bf16) and writes y once.
+//
+// Math units. fp16/bf16 use mma.sync.m16n8k16 (tensor cores, sm_80+) with the "swap AB" trick:
+// W's 16 columns are the MMA's M side and the (few) tokens its N side, so a warp computes a
+// 16 x (8·MT) tile and nothing is padded to 16 tokens. Fragments are loaded straight from global
+// memory with 16-byte loads: the dot product over k does not care about the order of k, so thread
+// (g, t) gives physical k = 8t..8t+7 of a 32-wide step to the fragment slots of logical k
+// {2t, 2t+1, 2t+8, 2t+9} of two MMAs; W and x use the same permutation, so no shared memory or
+// ldmatrix is needed. On CUDA cores alone M = 16 would already be compute bound (16·2·N·K flops at
+// ~60 TFLOP/s fp32 ≈ 9 us > 7 us of memory time). fp32 inputs, rows that are not 16-byte aligned
+// (K % 8 != 0, odd offsets) and GPUs before sm_80 take a scalar CUDA-core path: correct, slower.
+//
+// Larger M (prefill) is compute bound; there the host code uses cuBLAS for x·Wᵀ + b and these
+// kernels for the shrink and for the expand only (accumulate mode: y += s·h·Bᵀ in place).
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "lora_kernels.cuh"
+
+namespace lora_kernels {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kCols = 16;  // output columns (rows of W or A) per block: the MMA's M side
+constexpr int kStep = 32;  // k per warp step (4 threads x 8 elements)
+constexpr int kRC = 64;    // rank chunk staged in shared memory by the expand epilogue
+
+template <typename T> struct Num;
+template <> struct Num<float> {
+  static __device__ __forceinline__ float f(float v) { return v; }
+  static __device__ __forceinline__ float of(float v) { return v; }
+};
+template <> struct Num<__half> {
+  static __device__ __forceinline__ float f(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half of(float v) { return __float2half_rn(v); }
+};
+template <> struct Num<__nv_bfloat16> {
+  static __device__ __forceinline__ float f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 of(float v) { return __float2bfloat16_rn(v); }
+};
+
+__device__ __forceinline__ uint4 ld16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+
+// d += a·b for one m16n8k16 tile, fp32 accumulate.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // the host never picks the MMA path below sm_80
+#endif
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                        uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();
+#endif
+}
+
+// Everything a launch needs; one struct for both kernels (unused fields are ignored).
+struct Params {
+  const void* x; int64_t ldx;
+  const void* w; int64_t ldw; int64_t w_task_stride;  // W (fused) or A (shrink: rows = r)
+  int64_t M, N, K;                                     // N = r for the shrink
+  const int64_t* order; const int32_t* tiles; int tile_tokens; int subs;  // token tiling
+  int64_t z_offset;
+  int64_t k_per_split;
+  float* h_out;                                        // shrink output [ksplit, M, r]
+  const void* bias; void* y; int64_t ldy;
+  const float* h_part; int ksplit; int64_t r;
+  const void* b; int64_t b_task_stride; int64_t ldb;
+  const int64_t* task_ids; const float* scales; float scale; bool accumulate;
+};
+
+// The body shared by the shrink (SHRINK) and the fused forward. TM = 8·MT tokens per block.
+template <typename T, int MT, bool MMA, bool SHRINK>
+__global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
+  constexpr int TM = 8 * MT;
+  constexpr int Q = (TM * kCols + kThreads - 1) / kThreads;  // outputs per thread after the reduction
+  // Warp partials [warp][token][col]; reused by the epilogue for h chunks [TM][kRC + 1].
+  __shared__ __align__(16) float smem[kWarps * TM * kCols];
+  static_assert(TM * (kRC + 1) <= kWarps * TM * kCols, "h chunk must fit in the reduction buffer");
+  __shared__ int64_t rows_s[TM];
+  __shared__ int task_s[TM];
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kCols;
+  const int split = blockIdx.y;
+  const int64_t z = blockIdx.z + p.z_offset;
+
+  // Rows of this block: a slice [sub·TM, sub·TM + TM) of token tile `tile`.
+  if (tid < TM) {
+    int64_t row = -1;
+    int task = 0;
+    if (p.tiles != nullptr) {
+      const int64_t tile = z / p.subs;
+      const int64_t i = (z % p.subs) * TM + tid;
+      const int32_t* tl = p.tiles + 3 * tile;
+      task = tl[0];
+      if (i < tl[2]) row = p.order[tl[1] + i];
+    } else {
+      const int64_t m = z * TM + tid;
+      if (m < p.M) row = m;
+    }
+    if (!SHRINK && row >= 0 && p.task_ids != nullptr) task = static_cast<int>(p.task_ids[row]);
+    rows_s[tid] = row;
+    task_s[tid] = task;
+  }
+  __syncthreads();
+
+  const T* x = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.w);
+  if (SHRINK) w += static_cast<int64_t>(task_s[0]) * p.w_task_stride;  // one task per tile
+  const int64_t kbeg = SHRINK ? split * p.k_per_split : 0;
+  const int64_t kend = SHRINK ? min(p.K, kbeg + p.k_per_split) : p.K;
+  float* red = smem + warp * TM * kCols;
+
+  if constexpr (MMA) {
+    const int g = lane >> 2, t4 = lane & 3;
+    const T* w0 = (n0 + g < p.N) ? w + (n0 + g) * p.ldw : nullptr;
+    const T* w1 = (n0 + g + 8 < p.N) ? w + (n0 + g + 8) * p.ldw : nullptr;
+    const T* xr[MT];
+#pragma unroll
+    for (int j = 0; j < MT; ++j) {
+      const int64_t row = rows_s[8 * j + g];
+      xr[j] = row >= 0 ? x + row * p.ldx : nullptr;
+    }
+    float acc[MT][4];
+#pragma unroll
+    for (int j = 0; j < MT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    // U steps of loads in flight per thread before their MMAs: 256 threads x U x (2 + MT) x 16 B.
+    constexpr int U = MT <= 2 ? 4 : 2;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    for (int64_t kb = kbeg + warp * kStep; kb < kend; kb += kWarps * kStep * U) {  // warp-uniform
+      uint4 wa[U], wb[U], xv[U][MT];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t k = kb + u * kWarps * kStep + t4 * 8;
+        const bool ok = k < kend;  // K % 8 == 0 on this path: a chunk is wholly in or out
+        wa[u] = (ok && w0) ? ld16(w0 + k) : zero;
+        wb[u] = (ok && w1) ? ld16(w1 + k) : zero;
+#pragma unroll
+        for (int j = 0; j < MT; ++j) xv[u][j] = (ok && xr[j]) ? ld16(xr[j] + k) : zero;
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int j = 0; j < MT; ++j) {
+          mma16816<T>(acc[j], wa[u].x, wb[u].x, wa[u].y, wb[u].y, xv[u][j].x, xv[u][j].y);
+          mma16816<T>(acc[j], wa[u].z, wb[u].z, wa[u].w, wb[u].w, xv[u][j].z, xv[u][j].w);
+        }
+      }
+    }
+    // C fragment: c0,c1 = (col g, tokens 2t4, 2t4+1), c2,c3 = (col g+8, same tokens).
+#pragma unroll
+    for (int j = 0; j < MT; ++j) {
+      const int tok = 8 * j + 2 * t4;
+      red[tok * kCols + g] = acc[j][0];
+      red[(tok + 1) * kCols + g] = acc[j][1];
+      red[tok * kCols + g + 8] = acc[j][2];
+      red[(tok + 1) * kCols + g + 8] = acc[j][3];
+    }
+  } else {
+    static_assert(MT == 1 || MMA, "the scalar path handles 8 tokens per block");
+    // Lane l takes k = kb + l: a warp reads 32 consecutive elements of each of the 16 rows.
+    float acc[kCols][8];
+#pragma unroll
+    for (int c = 0; c < kCols; ++c)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[c][i] = 0.f;
+    for (int64_t kb = kbeg + warp * kStep; kb < kend; kb += kWarps * kStep) {
+      const int64_t k = kb + lane;
+      if (k < kend) {
+        float xv[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int64_t row = rows_s[i];
+          xv[i] = row >= 0 ? Num<T>::f(x[row * p.ldx + k]) : 0.f;
+        }
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          const float wv = (n0 + c < p.N) ? Num<T>::f(w[(n0 + c) * p.ldw + k]) : 0.f;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[c][i] = fmaf(wv, xv[i], acc[c][i]);
+        }
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kCols; ++c)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        float v = acc[c][i];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == ((c * 8 + i) & 31)) red[i * kCols + c] = v;  // spread the stores over lanes
+      }
+  }
+  __syncthreads();
+
+  // Join the warps (fixed order: deterministic). Thread owns column c, tokens tok0 + 16q.
+  const int c = tid & (kCols - 1);
+  const int tok0 = tid >> 4;
+  float out[Q];
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    const int tok = tok0 + 16 * q;
+    float v = 0.f;
+    if (tok < TM) {
+#pragma unroll
+      for (int wi = 0; wi < kWarps; ++wi) v += smem[(wi * TM + tok) * kCols + c];
+    }
+    out[q] = v;
+  }
+  const int64_t n = n0 + c;
+
+  if constexpr (SHRINK) {
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      const int tok = tok0 + 16 * q;
+      if (tok < TM && rows_s[tok] >= 0 && n < p.N)
+        p.h_out[(static_cast<int64_t>(split) * p.M + rows_s[tok]) * p.N + n] = out[q];
+    }
+    return;
+  } else {
+    // Expand: lora[q] = sum_j h[row, j] · B[t][n, j], h staged in kRC-wide chunks (fp32).
+    float lora[Q];
+#pragma unroll
+    for (int q = 0; q < Q; ++q) lora[q] = 0.f;
+    bool mine = false;  // does this block have a row with a task?
+    if (tid < TM) mine = rows_s[tid] >= 0 && task_s[tid] >= 0;
+    const bool any_task = __syncthreads_or(mine);
+    if (any_task) {
+      const T* B = static_cast<const T*>(p.b);
+      constexpr int VEC = 16 / sizeof(T);
+      const bool vec = (reinterpret_cast<uintptr_t>(B) % 16 == 0) && (p.ldb % VEC == 0) && (p.b_task_stride % VEC == 0);
+      float* hs = smem;
+      for (int64_t j0 = 0; j0 < p.r; j0 += kRC) {
+        const int jn = static_cast<int>(min(static_cast<int64_t>(kRC), p.r - j0));
+        __syncthreads();  // previous chunk (or the reduction buffer) no longer read
+        for (int e = tid; e < TM * kRC; e += kThreads) {
+          const int i = e / kRC, jj = e % kRC;
+          const int64_t row = rows_s[i];
+          float v = 0.f;
+          if (row >= 0 && task_s[i] >= 0 && jj < jn) {
+            for (int s = 0; s < p.ksplit; ++s) v += p.h_part[(static_cast<int64_t>(s) * p.M + row) * p.r + j0 + jj];
+          }
+          hs[i * (kRC + 1) + jj] = v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+          const int tok = tok0 + 16 * q;
+          if (tok >= TM || rows_s[tok] < 0 || task_s[tok] < 0 || n >= p.N) continue;
+          const T* brow = B + task_s[tok] * p.b_task_stride + n * p.ldb + j0;
+          const float* hrow = hs + tok * (kRC + 1);
+          float a = 0.f;
+          int jj = 0;
+          if (vec) {
+            for (; jj + VEC <= jn; jj += VEC) {
+              const uint4 raw = ld16(brow + jj);
+              const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+              for (int v = 0; v < VEC; ++v) a = fmaf(hrow[jj + v], Num<T>::f(e[v]), a);
+            }
+          }
+          for (; jj < jn; ++jj) a = fmaf(hrow[jj], Num<T>::f(brow[jj]), a);
+          lora[q] += a;
+        }
+      }
+    }
+    T* y = static_cast<T*>(p.y);
+    const T* bias = static_cast<const T*>(p.bias);
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      const int tok = tok0 + 16 * q;
+      if (tok >= TM || n >= p.N) continue;
+      const int64_t row = rows_s[tok];
+      if (row < 0) continue;
+      const int t = task_s[tok];
+      T* yp = y + row * p.ldy + n;
+      const float s = t >= 0 ? (p.scales != nullptr ? p.scales[t] : p.scale) : 0.f;
+      if (p.accumulate) {
+        if (t >= 0) *yp = Num<T>::of(Num<T>::f(*yp) + s * lora[q]);  // t < 0: untouched, bit-exact base
+      } else {
+        float v = out[q] + (bias != nullptr ? Num<T>::f(bias[n]) : 0.f);
+        if (t >= 0) v += s * lora[q];  // t < 0: no LoRA term at all (not + 0·garbage)
+        *yp = Num<T>::of(v);
+      }
+    }
+  }
+}
+
+template <typename T, int MT, bool MMA, bool SHRINK>
+cudaError_t launch(const Params& p0, unsigned gx, unsigned gy, int64_t gz, cudaStream_t stream) {
+  // gridDim.z is capped at 65535: long token grids go in several launches.
+  for (int64_t off = 0; off < gz; off += 65535) {
+    Params p = p0;
+    p.z_offset = off;
+    const unsigned z = static_cast<unsigned>(gz - off < 65535 ? gz - off : 65535);
+    skinny_kernel<T, MT, MMA, SHRINK><<<dim3(gx, gy, z), kThreads, 0, stream>>>(p);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+template <typename T, bool SHRINK>
+cudaError_t launch_mt(const Params& p, bool mma, int mt, unsigned gx, unsigned gy, int64_t gz, cudaStream_t stream) {
+  if (!mma) return launch<T, 1, false, SHRINK>(p, gx, gy, gz, stream);
+  if constexpr (sizeof(T) == 2) {
+    switch (mt) {
+      case 1: return launch<T, 1, true, SHRINK>(p, gx, gy, gz, stream);
+      case 2: return launch<T, 2, true, SHRINK>(p, gx, gy, gz, stream);
+      case 4: return launch<T, 4, true, SHRINK>(p, gx, gy, gz, stream);
+      default: return launch<T, 8, true, SHRINK>(p, gx, gy, gz, stream);
+    }
+  }
+  return cudaErrorInvalidValue;  // fp32 never takes the MMA path
+}
+
+template <bool SHRINK>
+cudaError_t launch_dtype(DType dt, const Params& p, bool mma, int mt, unsigned gx, unsigned gy, int64_t gz,
+                         cudaStream_t stream) {
+  switch (dt) {
+    case DType::kFloat32: return launch_mt<float, SHRINK>(p, false, 1, gx, gy, gz, stream);
+    case DType::kFloat16: return launch_mt<__half, SHRINK>(p, mma, mt, gx, gy, gz, stream);
+    case DType::kBFloat16: return launch_mt<__nv_bfloat16, SHRINK>(p, mma, mt, gx, gy, gz, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+int tile_tokens_for(int64_t rows) { return rows <= 8 ? 8 : rows <= 16 ? 16 : rows <= 32 ? 32 : 64; }
+
+void shrink_splits(int64_t K, int64_t r, int64_t num_tiles, int tile_tokens, int num_sms, int* ksplit,
+                   int64_t* k_per_split) {
+  // Enough blocks for ~2 per SM, but every extra split is re-read by every fused block's
+  // epilogue (TM x r floats each), so bigger token tiles get fewer splits: 16, 8, 4, 2.
+  const int64_t base = cdiv(r, kCols) * (num_tiles > 0 ? num_tiles : 1);
+  const int64_t unit = kWarps * kStep;  // one step of every warp
+  int64_t want = cdiv(2 * static_cast<int64_t>(num_sms > 0 ? num_sms : 132), base);
+  const int64_t cap = 128 / (tile_tokens > 0 ? tile_tokens : 8);
+  if (want > cap) want = cap;
+  if (want > cdiv(K, unit)) want = cdiv(K, unit);
+  if (want < 1) want = 1;
+  const int64_t kps = cdiv(cdiv(K > 0 ? K : 1, want), unit) * unit;
+  *k_per_split = kps;
+  *ksplit = static_cast<int>(K > 0 ? cdiv(K, kps) : 1);
+}
+
+bool can_use_mma(DType dtype, const void* p0, int64_t ld0, const void* p1, int64_t ld1, int64_t task_stride, int64_t K) {
+  if (dtype == DType::kFloat32) return false;
+  return K % 8 == 0 && ld0 % 8 == 0 && ld1 % 8 == 0 && task_stride % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(p0) % 16 == 0 && reinterpret_cast<uintptr_t>(p1) % 16 == 0;
+}
+
+cudaError_t launch_shrink(const ShrinkArgs& a, cudaStream_t stream) {
+  if (a.M == 0 || a.r == 0) return cudaSuccess;
+  Params p{};
+  p.x = a.x; p.ldx = a.ldx;
+  p.w = a.a; p.ldw = a.K; p.w_task_stride = a.a_task_stride;
+  p.M = a.M; p.N = a.r; p.K = a.K;
+  p.k_per_split = a.k_per_split;
+  p.h_out = a.h_part;
+  p.ksplit = a.ksplit; p.r = a.r;
+  const int tt = a.tile_tokens;
+  const int tm = a.use_mma ? tt : 8;  // tokens per block
+  int64_t gz;
+  if (a.tiles != nullptr) {
+    if (a.num_tiles == 0) return cudaSuccess;
+    p.order = a.order; p.tiles = a.tiles; p.tile_tokens = tt; p.subs = tt / tm;
+    gz = a.num_tiles * p.subs;
+  } else {
+    p.subs = 1;
+    gz = cdiv(a.M, tm);
+  }
+  return launch_dtype<true>(a.dtype, p, a.use_mma, tm / 8, static_cast<unsigned>(cdiv(a.r, kCols)),
+                            static_cast<unsigned>(a.ksplit), gz, stream);
+}
+
+cudaError_t launch_fused(const FusedArgs& a, cudaStream_t stream) {
+  if (a.M == 0 || a.N == 0) return cudaSuccess;
+  Params p{};
+  p.x = a.x; p.ldx = a.ldx;
+  p.w = a.w; p.ldw = a.ldw;
+  p.M = a.M; p.N = a.N; p.K = a.K;
+  p.subs = 1;
+  p.bias = a.bias; p.y = a.y; p.ldy = a.ldy;
+  p.h_part = a.h_part; p.ksplit = a.ksplit; p.r = a.r;
+  p.b = a.b; p.b_task_stride = a.b_task_stride; p.ldb = a.ldb;
+  p.task_ids = a.task_ids; p.scales = a.scales; p.scale = a.scale; p.accumulate = a.accumulate;
+  const int tm = a.use_mma ? tile_tokens_for(a.M) : 8;
+  return launch_dtype<false>(a.dtype, p, a.use_mma, tm / 8, static_cast<unsigned>(cdiv(a.N, kCols)), 1u,
+                             cdiv(a.M, tm), stream);
+}
+
+}  // namespace lora_kernels
