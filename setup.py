@@ -19,8 +19,41 @@ def _version() -> str:
 
 
 def _cuda_extensions():
-    """The CUDA extension, when it should and can be built here (see module docstring)."""
-    return [], {}
+    """The CUDA extension, when it should and can be built here (see module docstring).
+
+    Needs torch importable in the build environment: pip's default build isolation hides the
+    installed torch, so ``pip install -e .`` builds no extension (the first use JIT-builds it);
+    ``pip install --no-build-isolation -e .`` with a CUDA torch and nvcc builds it now.
+    ``TORCH_CUDA_ARCH_LIST`` picks the architectures and ``MAX_JOBS`` the parallel compiles
+    (both read by torch's CUDAExtension / BuildExtension).
+    """
+    flag = os.environ.get("LORA_KERNELS_BUILD_CUDA", "").strip()
+    if flag == "0":
+        return [], {}
+    force = flag == "1"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError as e:
+        if force:
+            raise RuntimeError("LORA_KERNELS_BUILD_CUDA=1, but torch is not importable in the build environment "
+                               "(pip build isolation?): use pip install --no-build-isolation") from e
+        return [], {}
+    missing = ("torch is a CPU-only build" if torch.version.cuda is None
+               else "nvcc was not found (set CUDA_HOME)" if CUDA_HOME is None else None)
+    if missing:
+        if force:
+            raise RuntimeError(f"LORA_KERNELS_BUILD_CUDA=1, but {missing}")
+        return [], {}
+    csrc = os.path.join(HERE, "csrc")
+    sources = ["csrc/bindings.cpp"] + sorted(f"csrc/{f}" for f in os.listdir(csrc) if f.endswith(".cu"))
+    ext = CUDAExtension(
+        name="lora_kernels._cuda",  # a plain shared library of torch ops, loaded with torch.ops.load_library
+        sources=sources,
+        include_dirs=[csrc],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = _cuda_extensions()
