@@ -9,9 +9,10 @@ from torch import nn
 from .base import Adapter, CustomLayer, LoRALayer
 from .conv import LoRAConv
 from .embedding import LoRAEmbedding
+from .hf_conv1d import LoRAHFConv1D
 from .linear import LoRALinear
 
-__all__ = ["Adapter", "LoRALayer", "CustomLayer", "LoRALinear", "LoRAEmbedding", "LoRAConv",
+__all__ = ["Adapter", "LoRALayer", "CustomLayer", "LoRALinear", "LoRAEmbedding", "LoRAConv", "LoRAHFConv1D",
            "register_base_module_wrapper", "wrapper_for"]
 
 _BUILTIN: dict[type, Callable[[nn.Module], LoRALayer]] = {
@@ -20,6 +21,10 @@ _BUILTIN: dict[type, Callable[[nn.Module], LoRALayer]] = {
     nn.Conv1d: LoRAConv,
     nn.Conv2d: LoRAConv,
     nn.Conv3d: LoRAConv,
+}
+# Types of optional libraries, matched by qualified name so that the library is never imported here.
+_BY_NAME: dict[str, Callable[[nn.Module], LoRALayer]] = {
+    "transformers.pytorch_utils.Conv1D": LoRAHFConv1D,  # GPT-2's transposed linear
 }
 _CUSTOM: dict[type, Callable[[nn.Module], nn.Module]] = {}
 
@@ -48,4 +53,4 @@ def wrapper_for(module: nn.Module) -> Callable[[nn.Module], LoRALayer] | None:
     if t in _CUSTOM:
         constructor = _CUSTOM[t]
         return lambda m: CustomLayer(m, constructor)
-    return _BUILTIN.get(t)
+    return _BUILTIN.get(t) or _BY_NAME.get(f"{t.__module__}.{t.__qualname__}")

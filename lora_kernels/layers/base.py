@@ -67,6 +67,9 @@ class LoRALayer(nn.Module):
 
     #: number of groups the rank is split into (grouped convs); 1 elsewhere.
     groups: int = 1
+    #: the task folded into ``base``'s weights by :func:`lora_kernels.io.merge.merge` (set on every
+    #: layer of the model while merged), or None.
+    merged_task: str | None = None
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -139,6 +142,9 @@ class LoRALayer(nn.Module):
     # --- forward -------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         route = current_route()
+        if self.merged_task is not None:  # the base weights already hold that task: never add it again
+            check_merged_route(route, self.merged_task, self.path)
+            return self.base(*args, **kwargs)
         if route is None or not self.adapters:
             return self.base(*args, **kwargs)
         if route.mix is not None:
@@ -170,6 +176,16 @@ class LoRALayer(nn.Module):
             return sum(terms[1:], terms[0])
 
         return segmented_delta(y, x, routing, delta)
+
+
+def check_merged_route(route: Route | None, merged: str, path: str) -> None:
+    """While ``merged`` is folded into the base weights, only calls that select exactly that task
+    (or no task: the merged base) can run; anything else would apply it twice or need it removed."""
+    if route is None or route.mix == ((merged, 1.0),):
+        return
+    asked = route.mix if route.mix is not None else "a per-sample task list"
+    raise RuntimeError(f"layer '{path}': task {merged!r} is merged into the base weights, so only task={merged!r} (or no "
+                       f"task) can run; got {asked}. Call unmerge() first to use other tasks, mixes or per-sample lists.")
 
 
 class CustomLayer(LoRALayer):

@@ -1,0 +1,138 @@
+"""Fold one task into the base weights (zero-overhead single-task inference), and undo it exactly.
+
+``merge(model, "a")`` computes each adapted layer's ``ΔW`` in fp32 from ``A``, ``B`` and the scale
+(``W + s·B·A`` for linears; the transpose for embeddings and GPT-2's ``Conv1D``; the grouped
+``B·A`` with the base kernel for convs), checks that every delta and every merged weight is finite,
+and only then writes the merged weights **in place** (same parameters: optimizers, compiled graphs
+and tied references keep pointing at them). A copy of each original weight is kept, so
+``unmerge()`` restores the base **bit for bit** (no ``W + ΔW − ΔW`` rounding); the price is one
+extra copy of the adapted layers' weights while merged.
+
+While task ``a`` is merged (one at a time):
+
+- ``model(x, task="a")`` and ``model(x)`` both run the merged base only: task ``a``'s output with
+  no LoRA overhead (so ``generate()`` and other direct calls of the inner model use it too);
+- any other selection (another task, a mix, a per-sample list) raises a clear error instead of
+  applying ``a`` twice or silently dropping it; ``unmerge()`` first;
+- loading new weights into ``a`` with :func:`lora_kernels.io.load_task` is refused (the merged base
+  would go stale); ``save_checkpoint`` saves the unmerged base.
+
+Tasks with layers of registered custom types cannot be merged (their math is unknown here), nor
+layers whose weight is tied to another parameter (merging would change that one too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..layers import CustomLayer, LoRAConv, LoRAEmbedding, LoRAHFConv1D, LoRALayer, LoRALinear
+from ..layers.base import Adapter
+from ..model import Model
+
+__all__ = ["merge", "unmerge", "merged_task", "delta_weight"]
+
+_STATE = "_lora_kernels_merged"
+
+
+@dataclass
+class MergedState:
+    task: str
+    originals: dict[str, Tensor] = field(default_factory=dict)  # layer path -> copy of its original weight
+
+
+def merged_state(model: Model) -> MergedState | None:
+    return model.__dict__.get(_STATE)
+
+
+def merged_task(model: Model) -> str | None:
+    """The task merged into ``model``'s base weights, or None."""
+    state = merged_state(model)
+    return None if state is None else state.task
+
+
+def delta_weight(layer: LoRALayer, adapter: Adapter) -> Tensor:
+    """The adapter's ``ΔW`` in fp32, shaped like ``layer.base.weight``."""
+    a = adapter.lora_A.weight.detach().float()
+    b = adapter.lora_B.weight.detach().float()
+    s = adapter.scale
+    if isinstance(layer, LoRALinear):
+        return (b @ a) * s  # [out, in]
+    if isinstance(layer, LoRAHFConv1D):
+        return (b @ a).t() * s  # Conv1D stores [in, out]
+    if isinstance(layer, LoRAEmbedding):
+        d = (b @ a).t() * s  # [num_embeddings, dim]
+        if layer.base.padding_idx is not None:
+            d[layer.base.padding_idx] = 0  # the layer gives padding rows no delta
+        return d
+    if isinstance(layer, LoRAConv):
+        g = layer.groups
+        w = layer.base.weight
+        out_ch, r = b.shape[0], a.shape[0]
+        # Group j: B_j [out/g, r/g] · A_j [r/g, in/g * k] -> that group's block of W.
+        d = torch.bmm(b.reshape(g, out_ch // g, r // g), a.reshape(g, r // g, -1))
+        return d.reshape(w.shape) * s
+    raise TypeError(f"layer '{layer.path}' ({type(layer).__name__}) cannot be merged")
+
+
+def _tied(model: Model) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, p in model.model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def merge(model: Model, task: str) -> None:
+    """Fold ``task`` into the base weights; see the module docstring. Nothing changes if it fails."""
+    model._check_task(task)
+    current = merged_task(model)
+    if current is not None:
+        raise RuntimeError(f"task {current!r} is already merged; unmerge() first (one merged task at a time)")
+    layers = [(p, layer) for p, layer in model._layers.items() if task in layer.adapters]
+    custom = [p for p, layer in layers if isinstance(layer, CustomLayer)]
+    if custom:
+        raise ValueError(f"task {task!r} cannot be merged: layer(s) {custom} are registered custom types whose math is unknown here")
+    tied = _tied(model)
+    shared = {p: tied[id(layer.base.weight)] for p, layer in layers if len(tied.get(id(layer.base.weight), ())) > 1}
+    if shared:
+        raise ValueError(f"task {task!r} cannot be merged: the weights of {sorted(shared)} are tied to other parameters "
+                         f"({shared}); merging would change those too")
+    merged, bad = {}, []
+    for p, layer in layers:  # compute and check everything before writing anything
+        w = layer.base.weight
+        d = delta_weight(layer, layer.adapters[task])
+        new = (w.detach().float() + d.to(w.device)).to(w.dtype)
+        if not bool(torch.isfinite(d).all()):
+            bad.append(f"{p}: ΔW holds NaN or Inf")
+        elif not bool(torch.isfinite(new).all()) and bool(torch.isfinite(w).all()):
+            bad.append(f"{p}: W + ΔW overflows {w.dtype}")
+        merged[p] = new
+    if bad:
+        raise ValueError(f"refusing to merge task {task!r} (the base weights were not touched):\n  " + "\n  ".join(bad))
+    state = MergedState(task)
+    with torch.no_grad():
+        for p, layer in layers:
+            w = layer.base.weight
+            state.originals[p] = w.detach().clone()
+            w.copy_(merged[p])
+    for layer in model._layers.values():
+        layer.merged_task = task
+        layer.clear_cache()
+    model.__dict__[_STATE] = state
+
+
+def unmerge(model: Model) -> None:
+    """Restore the base weights saved by :func:`merge` exactly. A no-op when nothing is merged."""
+    state = merged_state(model)
+    if state is None:
+        return
+    with torch.no_grad():
+        for p, original in state.originals.items():
+            model._layers[p].base.weight.copy_(original)
+    for layer in model._layers.values():
+        layer.merged_task = None
+        layer.clear_cache()
+    del model.__dict__[_STATE]
+
