@@ -120,8 +120,8 @@ class Model(nn.Module):
         alpha / sqrt(rank)); None gives scale 1. ``init``: ``paper`` (B = 0: the task starts equal to
         the base model), ``gaussian`` or ``kaiming_both`` (the seed's). Nothing changes if it fails.
         """
-        if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
-            raise ValueError(f"invalid task name {name!r}: a non-empty str without '.' that is not a ModuleDict attribute")
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"invalid task name {name!r}: a non-empty str without '.'")
         if name in self._tasks:
             raise ValueError(f"task {name!r} already exists; remove_task it first or pick another name. Tasks: {self.tasks}")
         if not isinstance(dropout, numbers.Real) or not 0.0 <= float(dropout) < 1.0:

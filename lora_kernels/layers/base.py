@@ -57,6 +57,19 @@ class Adapter(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, rslora={self.rslora}, dropout={self.dropout:g}"
 
 
+class TaskDict(nn.ModuleDict):
+    """A ModuleDict that accepts any task name without '.', including names of Module methods.
+
+    ``nn.ModuleDict`` refuses keys such as ``"double"`` or ``"train"`` because they shadow methods;
+    tasks are only ever looked up by ``[name]``, so the check does not apply here.
+    """
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        if not isinstance(key, str) or not key or "." in key:
+            raise KeyError(f"invalid task name {key!r}")
+        self._modules[key] = module
+
+
 class LoRALayer(nn.Module):
     """Base class of the wrappers: ``base`` plus ``adapters[task]``, routed per call.
 
@@ -74,7 +87,7 @@ class LoRALayer(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        self.adapters = nn.ModuleDict()
+        self.adapters = TaskDict()
         self.path = ""  # set by Model: the module's path in the original model, for errors and keys
         self._stack_cache: dict = {}  # kernels' stacked adapters, see LoRALinear._stacks
 

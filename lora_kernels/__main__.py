@@ -1,0 +1,46 @@
+"""Command line: ``python -m lora_kernels {demo,info,bench}`` (also installed as ``lora-kernels``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def info() -> int:
+    import platform
+
+    import torch
+
+    import lora_kernels as lk
+
+    print(f"lora_kernels {lk.__version__} | torch {torch.__version__} | Python {platform.python_version()} | {platform.machine()}")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible to torch"
+    print(f"GPU: {gpu}")
+    print(f"default backend: {lk.ops.dispatch.current_backend()} (set with lk.set_backend or LORA_KERNELS_BACKEND)")
+    for name, status in lk.available_backends().items():
+        print(f"  {name:<7} {'yes' if status.available else 'no ':<4} {status.reason}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lora-kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train three tasks on a small transformer and serve a mixed-task batch")
+    demo.add_argument("--steps", type=int, default=100, help="steps per training phase (default 100)")
+    demo.add_argument("--seed", type=int, default=0)
+    sub.add_parser("info", help="backends available here, and why not the others")
+    sub.add_parser("bench", help="the benchmark report (table and plot); see 'lora-kernels bench --help'", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from .demo import main as demo_main
+
+        return 0 if demo_main(steps=args.steps, seed=args.seed)["ok"] else 1
+    if args.command == "info":
+        return info()
+    from .bench import main as bench_main
+
+    return bench_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
