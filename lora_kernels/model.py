@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -19,6 +20,10 @@ from .layers.routing import Mix, Route, routed
 from .ops.routing import Routing
 
 __all__ = ["Model", "TaskConfig"]
+
+# Guards the in-flight task counts of every Model (module-level: a lock on the model would make it
+# impossible to deepcopy or pickle). Held for microseconds per call, and by remove_task.
+_TASKS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Model(nn.Module):
             raise TypeError(f"lora_kernels.Model wraps a torch.nn.Module, got {type(model).__name__}")
         self._layers: dict[str, LoRALayer] = {}
         self._tasks: dict[str, TaskConfig] = {}
+        self._in_flight: dict[str, int] = {}  # task -> calls running with it (remove_task refuses those)
         self.model = self._wrap(model, "", {})
         # Paths (with repeats for shared modules) where a wrapper sits: used to map state-dict keys.
         self._wrapper_paths = frozenset(p for p, m in self.model.named_modules(remove_duplicate=False) if isinstance(m, LoRALayer))
@@ -163,13 +169,20 @@ class Model(nn.Module):
         return self
 
     def remove_task(self, name: str) -> "Model":
-        """Remove a task and free its parameters and cached copies. Returns self."""
-        self._check_task(name)
-        for layer in self._layers.values():
-            if name in layer.adapters:
-                del layer.adapters[name]
-                layer.clear_cache()
-        del self._tasks[name]
+        """Remove a task and free its parameters and cached copies. Returns self.
+
+        Refused (and nothing changes) while a call on another thread is using the task: removing
+        it half-way through that call would silently drop it from the layers still to run.
+        """
+        with _TASKS_LOCK:
+            self._check_task(name)
+            if self._in_flight.get(name):
+                raise RuntimeError(f"task {name!r} is in use by {self._in_flight[name]} running call(s); remove it between calls")
+            for layer in self._layers.values():
+                if name in layer.adapters:
+                    del layer.adapters[name]
+                    layer.clear_cache()
+            del self._tasks[name]
         return self
 
     def task_parameters(self, task: str) -> dict[str, nn.Parameter]:
@@ -209,8 +222,27 @@ class Model(nn.Module):
         a name, or a mix.
         """
         route = self._route(task, tasks, inputs, kwargs)
-        with routed(route):
-            return self.model(*inputs, **kwargs)
+        if route is None or torch.compiler.is_compiling():
+            with routed(route):
+                return self.model(*inputs, **kwargs)
+        names = route.task_names()
+        self._enter(names)
+        try:
+            with routed(route):
+                return self.model(*inputs, **kwargs)
+        finally:
+            with _TASKS_LOCK:
+                for n in names:
+                    self._in_flight[n] -= 1
+
+    def _enter(self, names: tuple[str, ...]) -> None:
+        """Count a call as using ``names``; re-checks them under the lock (a remove may have won)."""
+        with _TASKS_LOCK:
+            for n in names:
+                if n not in self._tasks:
+                    raise ValueError(f"unknown task {n!r} (removed while this call started); known tasks: {self.tasks}")
+            for n in names:
+                self._in_flight[n] = self._in_flight.get(n, 0) + 1
 
     def _mix(self, spec: Mapping) -> Mix:
         items = []

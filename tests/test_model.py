@@ -443,3 +443,32 @@ def test_state_dict_has_no_adapter_keys_and_model_attribute_passthrough():
     model = lk.Model(seq).add_task("a")
     assert list(model.state_dict()) == ["0.weight", "0.bias"]
     assert model.config == {"hidden": 3}
+
+
+def test_remove_task_refused_while_a_call_uses_it():
+    started, release = threading.Event(), threading.Event()
+
+    class Slow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            started.set()
+            release.wait(10)
+            return self.fc(x)
+
+    model = lk.Model(Slow()).add_task("a").add_task("b")
+    worker = threading.Thread(target=lambda: model(torch.randn(2, 4), task="a"))
+    worker.start()
+    started.wait(10)
+    try:
+        with pytest.raises(RuntimeError, match="in use"):
+            model.remove_task("a")
+        model.remove_task("b")  # a task no call is using goes at once
+        model.add_task("c")  # adding is safe: running calls never see a task they did not name
+    finally:
+        release.set()
+        worker.join()
+    model.remove_task("a")
+    assert model.tasks == ["c"]

@@ -38,6 +38,11 @@ class Route:
     slots: tuple[Mix, ...] = ()
     routing: Routing | None = None
 
+    def task_names(self) -> tuple[str, ...]:
+        """Every task this call uses."""
+        mixes = (self.mix,) if self.mix is not None else self.slots
+        return tuple(sorted({n for mix in mixes for n, _ in mix}))
+
     @property
     def batch(self) -> int | None:
         return None if self.routing is None else self.routing.num_rows
