@@ -385,7 +385,7 @@ def _opt(config, name, default=None):
 def settings(config) -> Settings:
     device = _opt(config, "bench_device") or ("cuda" if torch.cuda.is_available() else "cpu")
     disabled = bool(_opt(config, "benchmark_disable", False))
-    size = _opt(config, "bench_size") or ("tiny" if disabled else ("gpu" if device == "cuda" else "quick"))
+    size = _opt(config, "bench_size") or "tiny"  # timing runs name their size (the report passes --quick / --bench-size gpu)
     dtype_name = _opt(config, "bench_dtype") or ("bfloat16" if device == "cuda" else "float32")
     return Settings(size=size, matrix=MATRICES[size], device=device, dtype=dtype_of(dtype_name), dtype_name=dtype_name,
                     compile_ok=bool(_opt(config, "bench_compile", False)), disabled=disabled)

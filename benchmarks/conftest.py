@@ -6,8 +6,8 @@
     pytest benchmarks --full                   # the whole matrix of DESIGN.md §7
     python -m lora_kernels bench [--quick]     # runs the suite and prints the report (table + plot)
 
-Default size: ``tiny`` when timing is disabled (``--benchmark-disable``), else ``quick`` on CPU and
-``gpu`` on CUDA. Options are namespaced (``--bench-*``) apart from ``--quick``/``--full``/``--tiny``;
+Default size: ``tiny`` (so a plain ``pytest`` over ``testpaths`` stays quick); timing runs name their
+size. Options are namespaced (``--bench-*``) apart from ``--quick``/``--full``/``--tiny``;
 ``tests/conftest.py`` defines no options, so running both directories in one pytest call works.
 """
 
@@ -28,7 +28,7 @@ if importlib.util.find_spec("pytest_benchmark") is None:  # pytest-benchmark is 
 def pytest_addoption(parser):
     group = parser.getgroup("lora_kernels benchmarks")
     group.addoption("--bench-size", choices=("tiny", "quick", "gpu", "full"), default=None,
-                    help="benchmark matrix size (default: tiny with --benchmark-disable, else quick on CPU, gpu on CUDA)")
+                    help="benchmark matrix size (default: tiny, the smoke sizes)")
     group.addoption("--quick", dest="bench_size", action="store_const", const="quick", help="--bench-size quick")
     group.addoption("--full", dest="bench_size", action="store_const", const="full", help="--bench-size full")
     group.addoption("--tiny", dest="bench_size", action="store_const", const="tiny", help="--bench-size tiny")
