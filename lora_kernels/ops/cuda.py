@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import threading
@@ -68,16 +69,35 @@ def _prebuilt() -> str | None:
     return spec.origin if spec is not None and spec.origin and os.path.isfile(spec.origin) else None
 
 
-def _find_nvcc() -> str | None:
-    """nvcc as torch.utils.cpp_extension would find it (CUDA_HOME / CUDA_PATH, PATH, /usr/local/cuda)."""
-    for env in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(env)
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
+def cuda_home() -> str | None:
+    """The CUDA toolkit root: bin/nvcc and include/cuda_runtime.h under one folder.
+
+    Like torch.utils.cpp_extension (CUDA_HOME / CUDA_PATH, then nvcc on PATH, then
+    /usr/local/cuda), except that an nvcc on PATH that is a wrapper script outside the toolkit
+    (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc) is followed to the toolkit.
+    """
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     found = shutil.which("nvcc")
     if found:
-        return found
-    return "/usr/local/cuda/bin/nvcc" if os.path.isfile("/usr/local/cuda/bin/nvcc") else None
+        cands += [os.path.dirname(os.path.dirname(found)), os.path.dirname(os.path.dirname(os.path.realpath(found))),
+                  "/usr/local/cuda"]
+        try:  # a wrapper script: the toolkit path it runs
+            with open(found, "rb") as f:
+                head = f.read(4096)
+            if head.startswith(b"#!"):
+                cands += [os.path.dirname(os.path.dirname(p.decode())) for p in re.findall(rb"(/\S+/bin/nvcc)\b", head)]
+        except OSError:
+            pass
+    cands.append("/usr/local/cuda")
+    for home in cands:
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def _find_nvcc() -> str | None:
+    home = cuda_home()
+    return os.path.join(home, "bin", "nvcc") if home else None
 
 
 def _has_ninja() -> bool:
@@ -114,8 +134,12 @@ def status() -> BackendStatus:
 
 
 def _jit_build(src: Path) -> None:
+    home = cuda_home()
+    os.environ.setdefault("CUDA_HOME", home)  # read when cpp_extension is first imported
     from torch.utils import cpp_extension
 
+    if not cpp_extension.CUDA_HOME or not os.path.isfile(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h")):
+        cpp_extension.CUDA_HOME = home  # it was imported before, and guessed a folder without the toolkit
     sources = [str(src / "bindings.cpp")] + sorted(str(p) for p in src.glob("*.cu"))
     where = os.environ.get("TORCH_EXTENSIONS_DIR") or "~/.cache/torch_extensions"
     print(f"lora_kernels: building the CUDA extension from {src} (first use, ~1-2 min; cached in {where})", file=sys.stderr)

@@ -1,0 +1,511 @@
+"""The CUDA C++ extension (csrc/ + lora_kernels/ops/cuda.py).
+
+Without a GPU (CI):
+- every csrc/*.cu compiles standalone with the machine's nvcc for sm_80 and sm_90a (one nvcc call
+  with two -gencode, torch's extension flags), without register spills, and the fp16/bf16 kernels issue
+  tensor-core HMMA instructions;
+- the kernel files include CUDA headers only; the binding file compiles (syntax) against this
+  torch's headers;
+- the whole extension (bindings + kernels, linked against a CUDA build of torch) builds, when such
+  a torch is at hand (this interpreter, or ``LORA_KERNELS_CUDA_PYTHON=/path/to/python``);
+- status / loader / setup.py behaviour on a CPU-only torch, fake implementations, tile building.
+
+On a GPU (``-m gpu``): the ops against the float64 reference and the Triton ops on odd shapes,
+ranks 1..256, -1 rows, poisoned buffers, misaligned rows, autograd, torch.compile, CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_kernels.ops import cuda, reference
+from lora_kernels.ops.routing import Routing
+from tests.utils import assert_close, poisoned
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+KERNEL_FILES = sorted(CSRC.glob("*.cu"))
+ARCHES = ("sm_80", "sm_90a")
+# The defines torch's cpp_extension passes to nvcc: the kernels must compile under them.
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                      "--expt-relaxed-constexpr"]
+
+
+def _nvcc() -> str | None:
+    return cuda._find_nvcc()
+
+
+def _cuobjdump() -> str | None:
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton  # ships cuobjdump in its NVIDIA backend
+    except ImportError:
+        return None
+    cand = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(cand) if cand.is_file() else None
+
+
+# --- compile checks (no GPU) -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Compile every kernel file once for both arches: one nvcc call, two -gencode, --threads 2."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA_HOME, PATH, /usr/local/cuda): cannot compile csrc/*.cu")
+    out = tmp_path_factory.mktemp("nvcc")
+    gencode = [f for arch in ARCHES for f in ("-gencode", f"arch=compute_{arch[3:]},code={arch}")]
+    results = {}
+    for src in KERNEL_FILES:
+        obj = out / f"{src.stem}.o"
+        cmd = [nvcc, "-c", "-O2", "-std=c++20", "--threads", "2", *TORCH_NVCC_DEFINES, f"-I{CSRC}", *gencode,
+               "-Xptxas", "-v", str(src), "-o", str(obj)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        results[src.name] = (proc.returncode, proc.stdout + proc.stderr, obj, " ".join(cmd))
+    return results
+
+
+def test_kernels_compile_for_both_arches(compiled):
+    assert KERNEL_FILES, "csrc/ has no .cu files"
+    for name, (rc, log, obj, cmd) in compiled.items():
+        assert rc == 0, f"{name} failed to compile:\n{cmd}\n{log[-4000:]}"
+        for arch in ARCHES:
+            assert f"for '{arch}'" in log, f"{name}: no kernel compiled for {arch}:\n{log[-2000:]}"
+
+
+def test_kernels_do_not_spill(compiled):
+    for name, (rc, log, obj, cmd) in compiled.items():
+        assert rc == 0
+        spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+        assert spills and max(spills) == 0, f"{name} spills registers:\n{log[-4000:]}"
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_half_kernels_use_tensor_cores(compiled, arch):
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or the triton wheel ship it)")
+    rc, _, obj, _ = compiled["lora_linear.cu"]
+    assert rc == 0
+    sass = subprocess.run([tool, "-sass", "-arch", arch, str(obj)], capture_output=True, text=True, timeout=120).stdout
+    assert "HMMA" in sass, f"no HMMA (mma.sync) instructions in the {arch} SASS of lora_linear.cu"
+
+
+def test_kernel_files_include_only_cuda_headers():
+    allowed_std = {"cstdint", "cstddef", "climits", "cfloat", "cmath", "type_traits", "utility", "algorithm"}
+    for path in sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh")):
+        for inc in re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', path.read_text(), re.M):
+            ok = (inc in allowed_std or re.fullmatch(r"(cuda|cuda_[a-z0-9_]+|mma|cooperative_groups)(\.h|\.hpp)?", inc)
+                  or (CSRC / inc).is_file() and inc.endswith(".cuh"))
+            assert ok, f"{path.name} includes {inc!r}: kernel files may include CUDA headers only (torch goes in bindings.cpp)"
+
+
+def test_bindings_compile_against_torch_headers(tmp_path):
+    """Syntax-check csrc/bindings.cpp with this torch's headers (C++20, as torch's cpp_extension).
+
+    A CPU-only torch ships the c10/cuda headers but not the one generated at build time,
+    c10/cuda/impl/cuda_cmake_macros.h; a stand-in with the CUDA wheels' content (one define) is
+    put on the include path then. The full compile and link is test_whole_extension_builds.
+    """
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    nvcc = _nvcc()
+    if cxx is None or nvcc is None:
+        pytest.skip("needs a C++ compiler and the CUDA toolkit headers (nvcc not found)")
+    cuda_inc = Path(cuda.cuda_home()) / "include"
+    if not (cuda_inc / "cuda_runtime.h").is_file():
+        pytest.skip(f"no cuda_runtime.h under {cuda_inc}")
+    incs = [f"-I{p}" for p in include_paths()]
+    if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").is_file() for p in include_paths()):
+        stub = tmp_path / "c10" / "cuda" / "impl"
+        stub.mkdir(parents=True)
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        incs.append(f"-I{tmp_path}")
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", *incs, f"-I{cuda_inc}", f"-I{CSRC}", str(CSRC / "bindings.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"bindings.cpp does not compile:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}"
+
+
+def _cuda_torch_python() -> str | None:
+    env = os.environ.get("LORA_KERNELS_CUDA_PYTHON")
+    if env:
+        return env
+    return sys.executable if torch.version.cuda is not None else None
+
+
+def test_whole_extension_builds(tmp_path):
+    """bindings.cpp + kernels, compiled and linked by torch.utils.cpp_extension.load (nvcc + ninja).
+
+    Needs a CUDA build of torch: this interpreter's, or the python named by
+    LORA_KERNELS_CUDA_PYTHON (e.g. a venv with ``pip install torch==2.14.1`` + ninja: ~1 min to
+    install from the local wheel cache, ~40 s to build here for sm_90a). No GPU needed.
+    """
+    python = _cuda_torch_python()
+    if python is None:
+        pytest.skip("no CUDA build of torch here (set LORA_KERNELS_CUDA_PYTHON to a python that has one)")
+    if _nvcc() is None:
+        pytest.skip("nvcc not found")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from torch.utils import cpp_extension
+        assert torch.version.cuda is not None, "not a CUDA build of torch: " + torch.__version__
+        src = {str(CSRC)!r}
+        cpp_extension.load(name="lora_kernels_cuda_citest", sources=[src + "/bindings.cpp"] + {[str(p) for p in KERNEL_FILES]!r},
+                           extra_include_paths=[src], extra_cflags=["-O1"], extra_cuda_cflags=["-O1"],
+                           is_python_module=False, build_directory={str(tmp_path)!r})
+        for op in ("cuda_lora_linear", "cuda_lora_linear_mixed"):
+            print(getattr(torch.ops.lora_kernels, op).default._schema)
+    """)
+    # One arch: both are already compiled by test_kernels_compile_for_both_arches; this is the link.
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST="9.0a", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    env.setdefault("CUDA_HOME", cuda.cuda_home())
+    proc = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=420, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, f"the extension did not build:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert "lora_kernels::cuda_lora_linear(" in proc.stdout and "lora_kernels::cuda_lora_linear_mixed(" in proc.stdout
+
+
+# --- CPU behaviour -----------------------------------------------------------------------------
+
+def test_import_never_loads_the_extension():
+    code = ("import sys, lora_kernels as lk; lk.available_backends(); from lora_kernels.ops import cuda; "
+            "assert cuda._loaded is None, cuda._loaded; "
+            "assert not any(m.startswith('lora_kernels._cuda') for m in sys.modules); "
+            "assert 'torch.utils.cpp_extension' not in sys.modules; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_status_gives_a_reason():
+    st = cuda.status()
+    assert isinstance(st.reason, str) and st.reason
+    if torch.version.cuda is None:
+        assert not st.available and "CPU-only" in st.reason
+    elif not torch.cuda.is_available():
+        assert not st.available and "GPU" in st.reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_explicit_cuda_backend_raises_with_reason():
+    import lora_kernels as lk
+
+    x, w, a, b = torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run: .+"):
+        lk.ops.lora_linear(x, w, None, a, b, backend="cuda")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        cuda.lora_linear(x, w, None, a, b)
+
+
+def test_fake_implementations_shapes():
+    x = torch.empty(3, 5, 16, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(24, 16, device="meta", dtype=torch.bfloat16)
+    y = cuda.fake_lora_linear(x, w, None, torch.empty(4, 16, device="meta"), torch.empty(24, 4, device="meta"), 1.0)
+    assert y.shape == (3, 5, 24) and y.dtype == torch.bfloat16 and y.device.type == "meta"
+    y = cuda.fake_lora_linear_mixed(x[0], w, None, None, None, None, None, None, None, 8)
+    assert y.shape == (5, 24)
+
+
+@pytest.mark.parametrize("ids, want_tt", [
+    ([0, 1, 2, 3], 8),                       # one token per task: BGMV tiles
+    ([-1, 2, 2, -1, 0], 8),
+    ([1] * 20 + [0] * 3, 32),                # a long segment: SGMV tiles
+    ([0] * 130, 64),
+    ([-1, -1], 8),                           # no task at all: no tile
+])
+def test_tiles_cover_each_task_row_once(ids, want_tt):
+    routing = Routing(torch.tensor(ids), 4)
+    tiles, tt = cuda.tiles_of(routing, "cpu")
+    assert tt == want_tt and tiles.dtype == torch.int32 and tiles.shape[1] == 3
+    seen = []
+    for task, start, count in tiles.tolist():
+        assert 1 <= count <= tt
+        rows = routing.order[start:start + count].tolist()
+        assert all(ids[r] == task for r in rows)
+        seen += rows
+    assert sorted(seen) == [i for i, t in enumerate(ids) if t >= 0]
+    assert cuda.tiles_of(routing, "cpu")[0] is tiles  # cached on the routing: built once per batch
+
+
+def _setup_cuda_extensions():
+    """setup.py's _cuda_extensions, without running setup()."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_cuda_extensions")
+    ns = {"os": os, "HERE": str(ROOT)}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "setup.py", "exec"), ns)
+    return ns["_cuda_extensions"]
+
+
+def test_setup_cuda_extensions_flags(monkeypatch):
+    fn = _setup_cuda_extensions()
+    monkeypatch.setenv("LORA_KERNELS_BUILD_CUDA", "0")
+    assert fn() == ([], {})
+    if torch.version.cuda is None:
+        monkeypatch.delenv("LORA_KERNELS_BUILD_CUDA")
+        assert fn() == ([], {})  # CPU torch: nothing to build, pip install still works
+        monkeypatch.setenv("LORA_KERNELS_BUILD_CUDA", "1")
+        with pytest.raises(RuntimeError, match="CPU-only"):
+            fn()
+    elif _nvcc() is not None:
+        monkeypatch.delenv("LORA_KERNELS_BUILD_CUDA")
+        exts, cmd = fn()
+        assert exts[0].name == "lora_kernels._cuda" and "build_ext" in cmd
+        assert any(s.endswith("bindings.cpp") for s in exts[0].sources)
+
+
+def test_setup_without_torch_builds_nothing(tmp_path):
+    """pip's isolated build env has no torch: _cuda_extensions must return nothing, not fail."""
+    src = (ROOT / "setup.py").read_text()
+    code = textwrap.dedent("""
+        import builtins, os, sys
+        real = builtins.__import__
+        def no_torch(name, *a, **k):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError("no torch in the isolated build env")
+            return real(name, *a, **k)
+        builtins.__import__ = no_torch
+        import ast
+        tree = ast.parse(open(sys.argv[1]).read())
+        fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_cuda_extensions")
+        ns = {"os": os, "HERE": os.path.dirname(sys.argv[1])}
+        exec(compile(ast.Module(body=[fn], type_ignores=[]), "setup.py", "exec"), ns)
+        print(ns["_cuda_extensions"]())
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "LORA_KERNELS_BUILD_CUDA"}
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "setup.py")], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0 and "([], {})" in proc.stdout, proc.stderr[-2000:]
+    assert "_cuda_extensions" in src
+
+
+# --- GPU ---------------------------------------------------------------------------------------
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    st = cuda.status()
+    assert st.available, f"a GPU is visible but the CUDA backend is not available: {st.reason}"
+    cuda.load()  # builds on first use: a failure here is a test failure, not a skip
+    return cuda
+
+
+def _poison_pool(*numels, dtype=torch.float32, copies=4):
+    """Fill the caching allocator's free blocks of these sizes with NaN: reused memory is poisoned."""
+    bufs = [poisoned((n,), dtype, "cuda") for n in numels for _ in range(copies)]
+    torch.cuda.synchronize()
+    del bufs
+
+
+def _single_inputs(m, k, n, r, dtype, bias=True, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(dtype)
+    bb = torch.randn(n, device="cuda", generator=g).to(dtype) if bias else None
+    a = (torch.randn(r, k, device="cuda", generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, r, device="cuda", generator=g).to(dtype)
+    return x, w, bb, a, b
+
+
+def _ref_single(x, w, bb, a, b, s):
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    return reference.lora_linear(d(x), d(w), d(bb), d(a), d(b), s)
+
+
+SINGLE_CASES = [  # (M, K, N, r)
+    (1, 64, 48, 1), (3, 2049, 129, 16), (8, 4096, 4096, 16), (13, 264, 1000, 256),
+    (16, 1024, 2048, 64), (33, 520, 72, 7), (64, 4096, 1024, 64), (65, 256, 136, 16), (300, 1032, 520, 33),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,k,n,r", SINGLE_CASES)
+def test_single_vs_reference(ext, m, k, n, r, dtype):
+    x, w, bb, a, b = _single_inputs(m, k, n, r, dtype)
+    _poison_pool(m * n, m * n // 2 + 1, 64 * r * m, dtype=dtype)
+    with torch.no_grad():
+        y = ext.lora_linear(x, w, bb, a, b, 0.75)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert_close(y, _ref_single(x, w, bb, a, b, 0.75), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_single_misaligned_and_strided(ext, dtype):
+    m, k, n, r = 5, 512, 260, 8
+    x, w, bb, a, b = _single_inputs(m, k, n, r, dtype)
+    xs = torch.empty(m * k + 1, device="cuda", dtype=dtype)[1:].view(m, k)  # contiguous, 2-byte aligned only
+    xs.copy_(x)
+    wt = w.t().contiguous().t()  # non-contiguous weight: made contiguous by the op
+    with torch.no_grad():
+        y = ext.lora_linear(xs, wt, bb, a, b, 2.0)
+        y3 = ext.lora_linear(x.view(1, m, k), w, None, a, b, 2.0)
+    ref = _ref_single(x, w, bb, a, b, 2.0)
+    assert_close(y, ref, dtype)
+    assert_close(y3, _ref_single(x, w, None, a, b, 2.0).view(1, m, n), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,k,n,r", [(1, 4096, 4096, 16), (16, 2048, 3000, 64), (100, 512, 1024, 8)])
+def test_single_vs_triton(ext, m, k, n, r, dtype):
+    import lora_kernels as lk
+
+    if not lk.available_backends()["triton"].available:
+        pytest.skip("triton not available")
+    x, w, bb, a, b = _single_inputs(m, k, n, r, dtype, seed=3)
+    with torch.no_grad():
+        y = ext.lora_linear(x, w, bb, a, b, 0.5)
+        yt = lk.ops.lora_linear(x, w, bb, a, b, 0.5, backend="triton")
+    assert_close(y, yt.double(), dtype, "cuda vs triton")
+
+
+def _mixed_inputs(m, k, n, r, t, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(dtype)
+    bb = torch.randn(n, device="cuda", generator=g).to(dtype)
+    a = (torch.randn(t, r, k, device="cuda", generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(t, n, r, device="cuda", generator=g).to(dtype)
+    scales = torch.rand(t, device="cuda", generator=g) + 0.5
+    return x, w, bb, a, b, scales
+
+
+def _ids(kind, m, t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "same":
+        return torch.full((m,), t - 1, dtype=torch.long)
+    if kind == "distinct":
+        return torch.arange(m) % t
+    if kind == "none":
+        return torch.full((m,), -1, dtype=torch.long)
+    return torch.randint(-1, t, (m,), generator=g)  # "random", with -1 rows
+
+
+MIXED_CASES = [  # (M, K, N, r, T)
+    (1, 64, 48, 1, 1), (5, 2049, 129, 16, 3), (16, 1024, 2056, 64, 16), (64, 4096, 1024, 16, 64),
+    (40, 520, 264, 256, 4), (100, 264, 136, 8, 5), (257, 1032, 520, 33, 3),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["same", "distinct", "random", "none"])
+@pytest.mark.parametrize("m,k,n,r,t", MIXED_CASES)
+def test_mixed_vs_reference(ext, m, k, n, r, t, kind, dtype):
+    x, w, bb, a, b, scales = _mixed_inputs(m, k, n, r, t, dtype)
+    ids = _ids(kind, m, t).cuda()
+    _poison_pool(m * n, m * r * 16, dtype=dtype)
+    with torch.no_grad():
+        y = ext.lora_linear_mixed(x, w, bb, a, b, scales, ids)
+        base = ext.lora_linear_mixed(x, w, bb, a, b, scales, torch.full_like(ids, -1))
+    ref = reference.lora_linear_mixed(x.double(), w.double(), bb.double(), a.double(), b.double(), scales.double(), ids)
+    assert_close(y, ref, dtype)
+    none = ids < 0
+    # -1 rows: exactly the base output (no LoRA term), bit for bit; above 64 rows that is cuBLAS's.
+    assert torch.equal(y[none], base[none])
+    if m > 64:
+        assert torch.equal(y[none], torch.nn.functional.linear(x, w, bb)[none])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,t", [(4, 4), (64, 64), (128, 3)])
+def test_mixed_vs_triton(ext, m, t, dtype):
+    import lora_kernels as lk
+
+    if not lk.available_backends()["triton"].available:
+        pytest.skip("triton not available")
+    x, w, bb, a, b, scales = _mixed_inputs(m, 1024, 2048, 16, t, dtype, seed=5)
+    ids = _ids("random", m, t, seed=1).cuda()
+    with torch.no_grad():
+        y = ext.lora_linear_mixed(x, w, bb, a, b, scales, ids)
+        yt = lk.ops.lora_linear_mixed(x, w, bb, a, b, scales, ids, backend="triton")
+    assert_close(y, yt.double(), dtype, "cuda vs triton")
+
+
+@pytest.mark.gpu
+def test_mixed_per_sample_ids_and_routing_reuse(ext):
+    dtype = torch.bfloat16
+    x, w, bb, a, b, scales = _mixed_inputs(12, 256, 136, 8, 3, dtype)
+    x3 = x.view(3, 4, 256)  # one id per sample, 4 rows each
+    routing = Routing(torch.tensor([2, -1, 0]), 3)
+    with torch.no_grad():
+        y1 = ext.lora_linear_mixed(x3, w, bb, a, b, scales, routing)
+        y2 = ext.lora_linear_mixed(x3, w, bb, a, b, scales, routing)  # cached tiles
+    ref = reference.lora_linear_mixed(x3.double(), w.double(), bb.double(), a.double(), b.double(), scales.double(), routing)
+    assert_close(y1, ref, dtype)
+    assert torch.equal(y1, y2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_autograd_uses_reference_backward(ext, dtype):
+    x, w, bb, a, b = _single_inputs(6, 264, 72, 8, dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, bb, a, b)]
+    y = ext.lora_linear(*leaves, 1.5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref_leaves = [t.double().clone().requires_grad_(True) for t in (x, w, bb, a, b)]
+    reference.lora_linear(*ref_leaves, 1.5).backward(dy.double())
+    for got, want, name in zip(leaves, ref_leaves, ["x", "weight", "bias", "lora_a", "lora_b"]):
+        assert_close(got.grad, want.grad, dtype, f"grad {name}")
+    # mixed
+    x, w, bb, a, b, scales = _mixed_inputs(7, 264, 72, 8, 3, dtype)
+    ids = torch.tensor([0, -1, 2, 2, 1, -1, 0], device="cuda")
+    la = a.clone().requires_grad_(True)
+    ext.lora_linear_mixed(x, w, bb, la, b, scales, ids).sum().backward()
+    la64 = a.double().clone().requires_grad_(True)
+    reference.lora_linear_mixed(x.double(), w.double(), bb.double(), la64, b.double(), scales.double(), ids).sum().backward()
+    assert_close(la.grad, la64.grad, dtype, "grad lora_a (mixed)")
+
+
+@pytest.mark.gpu
+def test_torch_compile_and_cuda_graph(ext):
+    dtype = torch.bfloat16
+    x, w, bb, a, b = _single_inputs(4, 1024, 512, 16, dtype)
+
+    def f(x):
+        return ext.lora_linear(x, w, bb, a, b, 0.5)
+
+    with torch.no_grad():
+        eager = f(x)
+        compiled = torch.compile(f, fullgraph=True)(x)
+        assert torch.equal(eager, compiled)
+        static_x = x.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            f(static_x)  # warm up outside the capture
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = f(static_x)
+        static_x.copy_(x * 2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, f(x * 2))
+
+
+@pytest.mark.gpu
+def test_op_checks_are_clear(ext):
+    x, w, bb, a, b = _single_inputs(2, 64, 32, 4, torch.float16)
+    with pytest.raises(RuntimeError, match="lora_b must be"):
+        torch.ops.lora_kernels.cuda_lora_linear(x, w, bb, a, b[:, :3], 1.0)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.lora_kernels.cuda_lora_linear(x, w.float(), bb, a, b, 1.0)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        torch.ops.lora_kernels.cuda_lora_linear(x, w.cpu(), bb, a, b, 1.0)
