@@ -1,0 +1,721 @@
+"""Fused single-task LoRA linear in Triton: forward and backward.
+
+    y = x @ W.T + b + s * (dropout(x) @ A.T) @ B.T
+
+Shape: x [..., K], weight W [N, K], bias b [N] or None, lora_a A [r, K], lora_b B [N, r] -> y [..., N].
+The leading dims of x are flattened to M rows.
+
+This file stacks, top to bottom: Triton kernels -> launchers (check, allocate, launch) -> the
+``torch.library`` custom ops (``lora_kernels::lora_linear`` and its helpers) with fake (meta)
+implementations -> autograd (``register_autograd``) -> the public :func:`lora_linear`.
+
+Design (numbers for an H200: 132 SMs, ~4.8 TB/s HBM, ~990 TFLOP/s dense bf16, ridge point ~200
+flop/byte; a [M, K] x [K, N] bf16 GEMM has an intensity of ~M flop/byte, so M <= ~128 is
+memory-bound, "decode", and larger M is compute-bound, "prefill"):
+
+* **One output kernel.** ``_lora_fused_kernel`` produces each [BM, BN] tile of y: it streams x and
+  W once over K into an fp32 accumulator, adds ``s * h @ B.T`` and the bias in the epilogue and
+  writes y once. No separate expand kernel, no read-modify-write of y.
+* **Where the shrink h = x_d @ A.T (fp32, [M, r]) is computed**, chosen per regime by
+  :func:`_plan`:
+    - decode (M <= 128), r <= 64, no dropout: *inside every output tile*, in the same K loop that
+      already holds the x tile in shared memory. The extra MMA work is r/BN of the tile (free: the
+      tile is memory-bound) and the extra bytes are A re-read from L2 per column tile
+      (N/BN * r * K * 2 B = 64 * 64 * 4096 * 2 = 32 MiB of L2 traffic at r = 64, N = K = 4096: ~3 us
+      of L2 bandwidth hidden under the 7 us HBM stream of W). A preceding kernel would cost a
+      launch (~3-4 us, i.e. +40-60 % on a 7 us decode GEMM).
+    - prefill (M > 128), or r > 64, or dropout: *a tiny preceding kernel* (``_shrink_kernel``).
+      In a compute-bound tile, recomputing the shrink costs r/BN extra tensor-core work (12.5 % at
+      r = 16, BN = 128; 50 % at r = 64), far over the 5 % budget; the preceding kernel costs
+      2*M*r*K flops once (r/N of the GEMM: 0.4 % at r = 16, N = 4096) plus one more read of x
+      (M*K*2 B: 64 MiB = 14 us at M = 8192, K = 4096, against a ~280 us GEMM: ~5 %) and writes
+      only M*r*4 bytes. For decode with r > 64, A re-read per tile from L2 (N/BN * r*K*2 B = 128
+      MiB at r = 256) would exceed the W stream, so the preceding kernel wins there too. With
+      dropout the philox mask would be regenerated N/BN times in-tile; once is enough.
+  The preceding kernel splits K over programs (fp32 atomics into a zeroed h) when there are too
+  few row tiles to fill the GPU (decode: one row tile, K/BK/4 splits).
+* **fp32 everywhere it matters:** all dots accumulate in fp32; h stays fp32; for 16-bit inputs the
+  expand multiplies ``s*h`` split into a hi and a lo 16-bit part (two MMAs: 2*r/K extra work, 0.8 %
+  at r = 16, K = 4096), so the LoRA term is as precise as fp32 h times the 16-bit B. fp32 inputs
+  use ``input_precision="ieee"`` (no tf32), matching torch's default matmul precision.
+* **Rank padding:** the rank is padded to ``BR = max(16, next_pow2(r))`` inside the kernels, with
+  masked loads (zeros beyond r), so every ``tl.dot`` has dims >= 16 as the GPU requires. The
+  expand of a precomputed h loops over rank chunks of at most 64 (keeps registers bounded at
+  r = 256).
+* **Dropout** (on the LoRA input only) is a philox mask ``tl.rand(seed, m*K + k) >= p`` over the
+  element index of x (int64), regenerated wherever needed (forward shrink, backward shrink, the
+  dx epilogue, dA's x_d); no dropped copy of x is saved for backward. :func:`dropout_mask`
+  materialises it for tests. The ``1/(1-p)`` factor is folded into the scalar applied to h.
+* **int64 offsets:** every tile's base offset (``pid * BM * stride``, the product that passes
+  2**31 first: M = 64k rows of K = 32k) is formed in int64; offsets inside a tile stay int32
+  (the launcher checks ``BM * stride`` and ``BK * stride`` stay below 2**31) and pointers advance
+  by ``BK * stride`` per step, so the int64 math is per tile, not per element. The dropout
+  counter ``m*K + k`` is int64. Strides are passed for x, W, A, B and h, so transposed or
+  sliced weights and strided x run without copies; x is reshaped to [M, K] (a copy only when its
+  leading dims cannot be flattened as a view: deliberate), bias is made contiguous (N elements).
+* **Backward** ``dx = dy @ W + s * (dy @ B) @ A`` is the same fused kernel run on the transposed
+  views (W.T as the "weight", A.T as the expand matrix, g = dy @ B as the precomputed h), with the
+  dropout mask applied to the LoRA part in the epilogue. ``dA = s * g.T @ x_d``,
+  ``dB = s * dy.T @ h``, ``dW = dy.T @ x``, ``db = sum(dy)`` are plain torch matmuls: each is a
+  single large GEMM (reduction over the M tokens) that cuBLAS runs at its floor; fusing them would
+  need split-M reductions for no saved bytes. dW and db are computed only when asked for.
+* **Configs:** a small table per regime (decode M <= 16, decode M <= 128, prefill) and dtype
+  width, chosen by :func:`_plan`; no autotuning at import or at call. Every entry is compiled for
+  sm_90 and sm_80 in ``tests/test_triton_aot.py`` (see :func:`aot_specs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..checks import check_lora_linear
+
+__all__ = ["lora_linear", "dropout_mask", "aot_specs"]
+
+
+# =============================================================================================
+# Kernels
+# =============================================================================================
+
+
+@triton.jit
+def _keep(seed, rows, cols, row_len, drop_p):
+    """Philox keep-mask for x elements (rows [BM], cols [BC]): the same bits everywhere."""
+    offs = rows.to(tl.int64)[:, None] * row_len + cols.to(tl.int64)[None, :]
+    return tl.rand(seed, offs) >= drop_p
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a @ b with fp32 accumulate.
+
+    INTERPRET works around Triton 3.9's interpreter, whose dot runs ``np.matmul`` on the raw
+    uint16 bits of bf16 operands: there (only) bf16 operands are widened to fp32 first.
+    """
+    if INTERPRET:
+        if a.dtype == tl.bfloat16:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _expand(acc, hs, bt, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc += hs @ bt with hs fp32 [BM, BR] and bt [BR, BN] in the input dtype.
+
+    For 16-bit bt, hs is split into hi + lo 16-bit parts so the fp32 precision of h survives the
+    16-bit tensor-core MMA (the lo part carries the bits the hi rounding drops).
+    """
+    if bt.dtype == tl.float32:
+        acc = _mma(hs, bt, acc, DOT_PREC, INTERPRET)
+    else:
+        hi = hs.to(bt.dtype)
+        lo = (hs - hi.to(tl.float32)).to(bt.dtype)
+        acc = _mma(hi, bt, acc, DOT_PREC, INTERPRET)
+        acc = _mma(lo, bt, acc, DOT_PREC, INTERPRET)
+    return acc
+
+
+@triton.jit
+def _lora_fused_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, out_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_hm, stride_om,
+    scale, drop_p, seed,
+    HAS_BIAS: tl.constexpr,
+    SHRINK_IN_TILE: tl.constexpr,  # compute h = x_d @ A.T in the K loop (else read h from h_ptr)
+    DROP_MODE: tl.constexpr,  # 0: none; 1: mask x for the in-tile shrink; 2: mask the LoRA term of out
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BR: tl.constexpr,  # padded rank (in-tile) or rank chunk of the expand loop (precomputed h)
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """out[M, N] = x @ W.T + bias + scale * h @ B.T, h = x_d @ A.T (in-tile) or given (fp32).
+
+    Shape: x [M, K], W [N, K], A [R, K], B [N, R], h [M, R] fp32, out [M, N]; all by strides.
+    ``scale`` already includes 1/(1-p) when DROP_MODE == 1; with DROP_MODE == 2 the LoRA term is
+    masked elementwise by the philox mask of out's own [M, N] index space, times 1/(1-p) in scale.
+
+    Offsets: each tile's base pointer is formed in int64 (``pid * BM * stride`` passes 2**31 at
+    M = 64k, K = 32k); offsets inside a tile stay int32 (the launcher checks BM * stride < 2**31)
+    and pointers advance by BK * stride per K step, which keeps the pointer tiles in registers lean.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    # Grouped order: GROUP_M row tiles share each W column tile while it is hot in L2.
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    off_m = pid_m.to(tl.int64) * BM
+    off_n = pid_n.to(tl.int64) * BN
+
+    lm = tl.arange(0, BM)
+    ln = tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m_ok = lm < M - off_m
+    n_ok = ln < N - off_n
+    # Rows / columns past the edge read row 0 of the tile instead of being masked (their results
+    # are never stored): the K loop's loads then need no mask at all when BK divides K (EVEN_K).
+    lm_in = tl.where(m_ok, lm, 0)
+    ln_in = tl.where(n_ok, ln, 0)
+    x_ptrs = x_ptr + off_m * stride_xm + (lm_in[:, None] * stride_xm + rk[None, :] * stride_xk)
+    w_ptrs = w_ptr + off_n * stride_wn + (rk[:, None] * stride_wk + ln_in[None, :] * stride_wn)  # [BK, BN]
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if SHRINK_IN_TILE:
+        rr = tl.arange(0, BR)
+        r_ok = rr < R
+        a_ptrs = a_ptr + (rk[:, None] * stride_ak + rr[None, :] * stride_ar)  # [BK, BR]
+        h = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = rk < K - k0
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+            wt = tl.load(w_ptrs)
+        else:
+            xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = _mma(xt, wt, acc, DOT_PREC, INTERPRET)
+        if SHRINK_IN_TILE:
+            at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            if DROP_MODE == 1:
+                xt = tl.where(_keep(seed, off_m + lm, k0 + rk, K, drop_p), xt, 0.0).to(at.dtype)
+            h = _mma(xt, at, h, DOT_PREC, INTERPRET)
+            a_ptrs += BK * stride_ak
+        x_ptrs += BK * stride_xk
+        w_ptrs += BK * stride_wk
+
+    b_ptrs = b_ptr + off_n * stride_bn + ln[None, :] * stride_bn  # [1, BN]
+    if SHRINK_IN_TILE:
+        bt = tl.load(b_ptrs + rr[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _expand(acc, h * scale, bt, DOT_PREC, INTERPRET)
+    else:
+        rc = tl.arange(0, BR)
+        h_ptrs = h_ptr + off_m * stride_hm + (lm[:, None] * stride_hm + rc[None, :])
+        if DROP_MODE == 2:
+            lora = tl.zeros((BM, BN), dtype=tl.float32)
+        for r0 in range(0, R, BR):
+            r_ok = rc < R - r0
+            ht = tl.load(h_ptrs + r0, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            bt = tl.load(b_ptrs + (r0 + rc)[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            if DROP_MODE == 2:
+                lora = _expand(lora, ht * scale, bt, DOT_PREC, INTERPRET)
+            else:
+                acc = _expand(acc, ht * scale, bt, DOT_PREC, INTERPRET)
+        if DROP_MODE == 2:
+            acc += tl.where(_keep(seed, off_m + lm, off_n + ln, N, drop_p), lora, 0.0)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + off_n + ln, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + off_m * stride_om + off_n + (lm[:, None] * stride_om + ln[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, h_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_hm,
+    h_scale, drop_p, seed,
+    DROPOUT: tl.constexpr, SPLIT_K: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """h[M, R] (fp32) = h_scale * x_d @ A.T; with SPLIT_K > 1 atomically added into a zeroed h.
+
+    Shape: x [M, K], A [R, K] (by strides), h [M, R] fp32 with row stride ``stride_hm``.
+    Offsets as in ``_lora_fused_kernel``: int64 tile bases, int32 in-tile offsets.
+    """
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    off_m = pid_m.to(tl.int64) * BM
+    lm = tl.arange(0, BM)
+    rr = tl.arange(0, BR)
+    rk = tl.arange(0, BK)
+    m_ok = lm < M - off_m
+    r_ok = rr < R
+    k_per_split = tl.cdiv(tl.cdiv(K, BK), SPLIT_K) * BK
+    k_start = pid_k * k_per_split
+    k_end = min(k_start + k_per_split, K)
+    lm_in = tl.where(m_ok, lm, 0)  # edge rows re-read row 0: no row mask on loads
+    x_ptrs = x_ptr + off_m * stride_xm + k_start.to(tl.int64) * stride_xk + (lm_in[:, None] * stride_xm + rk[None, :] * stride_xk)
+    a_ptrs = a_ptr + k_start.to(tl.int64) * stride_ak + (rk[:, None] * stride_ak + rr[None, :] * stride_ar)
+    h = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BK):
+        k_ok = rk < k_end - k0
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+        else:
+            xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        if DROPOUT:
+            xt = tl.where(_keep(seed, off_m + lm, k0 + rk, K, drop_p), xt, 0.0).to(at.dtype)
+        h = _mma(xt, at, h, DOT_PREC, INTERPRET)
+        x_ptrs += BK * stride_xk
+        a_ptrs += BK * stride_ak
+    h = h * h_scale
+    h_ptrs = h_ptr + off_m * stride_hm + (lm[:, None] * stride_hm + rr[None, :])
+    h_mask = m_ok[:, None] & r_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(h_ptrs, h, mask=h_mask)
+    else:
+        tl.atomic_add(h_ptrs, h, mask=h_mask, sem="relaxed")
+
+
+@triton.jit
+def _dropout_kernel(
+    x_ptr, out_ptr, M, K, stride_xm, stride_xk, drop_p, drop_inv, seed,
+    WRITE_MASK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    """out[M, K] = the keep-mask (int8) or x_d = x * mask / (1 - p), contiguous."""
+    rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rk = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
+    ok = (rm < M)[:, None] & (rk < K)[None, :]
+    keep = _keep(seed, rm, rk, K, drop_p)
+    out_ptrs = out_ptr + rm[:, None] * K + rk[None, :]
+    if WRITE_MASK:
+        tl.store(out_ptrs, keep.to(tl.int8), mask=ok)
+    else:
+        xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=ok, other=0.0)
+        xd = tl.where(keep, xt.to(tl.float32) * drop_inv, 0.0)
+        tl.store(out_ptrs, xd.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# =============================================================================================
+# Config table and heuristic
+# =============================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    BM: int
+    BN: int
+    BK: int  # for 16-bit inputs; halved for fp32 so the shared-memory footprint stays the same
+    num_warps: int
+    num_stages: int
+    GROUP_M: int = 1
+
+
+# Output-tile configs (forward y and backward dx). Shared memory per stage, bf16:
+#   decode_s  x 16x128 + W 128x64 (+ A 128x64 in-tile) = 4 + 16 (+16) KiB -> 3 stages: 108 KiB
+#   decode_l  x 64x64  + W 64x64  (+ A 64x64)         = 8 + 8  (+8)  KiB -> 4 stages:  96 KiB
+#   prefill   x 128x64 + W 64x128                     = 16 + 16      KiB -> 3 stages:  96 KiB
+# all under A100's 163 KiB per block. decode tiles are narrow in N (64) so that N = 4096 gives 64
+# column tiles and N = 1024 still 16, while BK = 128 keeps enough bytes in flight per SM; prefill
+# is the classic 128x128x64 / 8 warps tile (two warpgroups of wgmma m64n128k16 on sm_90).
+FUSED_CONFIGS = {
+    "decode_s": Config(BM=16, BN=64, BK=128, num_warps=4, num_stages=3),
+    "decode_l": Config(BM=64, BN=64, BK=64, num_warps=4, num_stages=4),
+    "prefill": Config(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, GROUP_M=8),
+    # backward dx with dropout: the epilogue holds a second [BM, BN] fp32 accumulator (the LoRA
+    # term, masked after the expand) plus the philox state for the tile; at BN = 128 that spilled
+    # 96 B (sm_90) / 2.4 KB (sm_80) in ptxas -v, at BN = 64 it fits in ~200 registers.
+    "prefill_dx_drop": Config(BM=128, BN=64, BK=64, num_warps=8, num_stages=3, GROUP_M=8),
+}
+# Shrink configs by rank band (BR = padded rank): the [BM, BR] fp32 accumulator is at most
+# 64x256x4 B = 64 KiB = 64 registers/thread over 8 warps; A's [BK, BR] tile dominates shared
+# memory (64x256x2 B = 32 KiB per stage).
+SHRINK_CONFIGS = {
+    "r_le_64": Config(BM=64, BN=0, BK=64, num_warps=4, num_stages=3),
+    "r_gt_64": Config(BM=64, BN=0, BK=64, num_warps=8, num_stages=3),
+}
+# Rank chunk of the expand loop when h is precomputed: a [BM, 32] fp32 chunk of h plus its hi/lo
+# halves; at 64 the 128x128 prefill tile spilled 48 B on sm_80.
+EXPAND_CHUNK = 32
+IN_TILE_MAX_RANK = 64
+DECODE_M = 128
+_NUM_SMS = 132  # H200; only used to size the shrink's split-K, any GPU gets a correct result
+
+
+def _pad_rank(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _bk(cfg: Config, elem: int, aligned: bool = True) -> int:
+    """K step: the table's for 16-bit, halved for fp32 (same bytes) and halved again when the row
+    strides are not multiples of 16 elements (K = 2049): the loads cannot vectorize, every element
+    needs its own address register, and the full step spilled (ptxas -v) in the 64- and 128-row
+    tiles."""
+    bk = cfg.BK if elem <= 2 else cfg.BK // 2
+    return bk if aligned else max(16, bk // 2)
+
+
+def _aligned(*strides: int) -> bool:
+    return all(st % 16 == 0 for st in strides)
+
+
+def _fused_regime(m: int) -> str:
+    return "decode_s" if m <= 16 else "decode_l" if m <= DECODE_M else "prefill"
+
+
+def _shrink_in_tile(m: int, r: int, dropout: bool) -> bool:
+    return m <= DECODE_M and _pad_rank(r) <= IN_TILE_MAX_RANK and not dropout
+
+
+def _shrink_cfg(r: int) -> Config:
+    return SHRINK_CONFIGS["r_le_64" if _pad_rank(r) <= 64 else "r_gt_64"]
+
+
+def _split_k(m: int, k: int, bm: int, bk: int) -> int:
+    tiles = triton.cdiv(m, bm)
+    if tiles >= _NUM_SMS:
+        return 1
+    max_split = max(1, triton.cdiv(k, 4 * bk))  # at least 4 K-steps per program
+    return max(1, min(max_split, triton.cdiv(2 * _NUM_SMS, tiles)))
+
+
+def _interpret() -> bool:
+    from ..dispatch import triton_interpreter
+
+    return triton_interpreter()
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # the latter is ignored for 16-bit dots
+
+
+# =============================================================================================
+# Launchers
+# =============================================================================================
+
+
+def _as_rows(x: Tensor) -> Tensor:
+    """x [..., K] as [M, K]: a view when the leading dims flatten, else a deliberate copy."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _launch_fused(x2: Tensor, w_nk: Tensor, bias: Tensor | None, a_rk: Tensor, b_nr: Tensor, h: Tensor | None,
+                  out: Tensor, scale: float, drop_p: float, seed: int, drop_mode: int, in_tile: bool,
+                  regime: str | None = None) -> Tensor:
+    """out = x2 @ w_nk.T + bias + scale * h @ b_nr.T (h = x2_d @ a_rk.T when ``in_tile``).
+
+    Shape: x2 [M, K], w_nk [N, K], a_rk [r, K], b_nr [N, r], h [M, r] fp32 or None, out [M, N]
+    (row-major, any row stride). Every operand goes by its strides.
+    """
+    m, k = x2.shape
+    n, r = b_nr.shape
+    if m == 0 or n == 0:
+        return out
+    regime = regime or _fused_regime(m)
+    if regime == "prefill" and drop_mode == 2:
+        regime = "prefill_dx_drop"
+    cfg = FUSED_CONFIGS[regime]
+    elem = x2.element_size()
+    bk = _bk(cfg, elem, _aligned(x2.stride(0), w_nk.stride(0), w_nk.stride(1)))
+    # In-tile offsets are int32 (see the kernel): refuse the (absurd) strides that would overflow.
+    for name, st, rows in (("x", x2.stride(0), cfg.BM), ("x", x2.stride(1), bk), ("weight", w_nk.stride(0), cfg.BN),
+                           ("weight", w_nk.stride(1), bk), ("out", out.stride(0), cfg.BM)):
+        if abs(st) * rows >= 2**31:
+            raise ValueError(f"lora_linear: {name} stride {st} too large for int32 in-tile offsets; make it contiguous")
+    br = _pad_rank(r) if in_tile else min(EXPAND_CHUNK, _pad_rank(r))
+    if h is None:
+        h = out  # unused (SHRINK_IN_TILE); any pointer of the right kind
+    grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)
+    _lora_fused_kernel[grid](
+        x2, w_nk, bias if bias is not None else out, a_rk, b_nr, h, out,
+        m, n, k, r,
+        x2.stride(0), x2.stride(1), w_nk.stride(0), w_nk.stride(1), a_rk.stride(0), a_rk.stride(1),
+        b_nr.stride(0), b_nr.stride(1), h.stride(0), out.stride(0),
+        float(scale), float(drop_p), int(seed),
+        HAS_BIAS=bias is not None, SHRINK_IN_TILE=in_tile, DROP_MODE=drop_mode,
+        BM=cfg.BM, BN=cfg.BN, BK=bk, BR=br, GROUP_M=cfg.GROUP_M,
+        EVEN_K=k % bk == 0, DOT_PREC=_dot_prec(x2.dtype), INTERPRET=_interpret(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _launch_shrink(x2: Tensor, a_rk: Tensor, h_scale: float, drop_p: float, seed: int) -> Tensor:
+    """h [M, r] fp32 = h_scale * dropout(x2) @ a_rk.T. Shape: x2 [M, K], a_rk [r, K] (any strides)."""
+    m, k = x2.shape
+    r = a_rk.shape[0]
+    cfg = _shrink_cfg(r)
+    elem = x2.element_size()
+    bk = _bk(cfg, elem, _aligned(x2.stride(0), a_rk.stride(0), a_rk.stride(1)))
+    split = _split_k(m, k, cfg.BM, bk)
+    h = (torch.zeros if split > 1 else torch.empty)((m, r), dtype=torch.float32, device=x2.device)
+    if m == 0:
+        return h
+    grid = (triton.cdiv(m, cfg.BM), split)
+    _shrink_kernel[grid](
+        x2, a_rk, h, m, k, r,
+        x2.stride(0), x2.stride(1), a_rk.stride(0), a_rk.stride(1), h.stride(0),
+        float(h_scale), float(drop_p), int(seed),
+        DROPOUT=drop_p > 0, SPLIT_K=split, BM=cfg.BM, BK=bk, BR=_pad_rank(r),
+        EVEN_K=k % bk == 0, DOT_PREC=_dot_prec(x2.dtype), INTERPRET=_interpret(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return h
+
+
+def _launch_dropout(x2: Tensor, drop_p: float, seed: int, write_mask: bool) -> Tensor:
+    m, k = x2.shape
+    out = torch.empty((m, k), dtype=torch.int8 if write_mask else x2.dtype, device=x2.device)
+    if m and k:
+        bm, bk = 32, 128
+        _dropout_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk))](
+            x2, out, m, k, x2.stride(0), x2.stride(1), float(drop_p), 1.0 / (1.0 - drop_p), int(seed),
+            WRITE_MASK=write_mask, BM=bm, BK=bk)
+    return out
+
+
+def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                        scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0, *, out: Tensor | None = None,
+                        shrink_in_tile: bool | None = None, regime: str | None = None) -> Tensor:
+    """The forward launcher: checks, allocates (or writes into ``out`` [M, N]) and launches.
+
+    Shape: x [..., K] -> y [..., N]. ``shrink_in_tile`` / ``regime`` override the heuristic
+    (tests use them to cover every path on small shapes).
+    """
+    check_lora_linear(x, weight, bias, lora_a, lora_b, dropout_p)
+    x2 = _as_rows(x)
+    m, k = x2.shape
+    n, r = lora_b.shape
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
+        raise ValueError(f"out must be [{m}, {n}] {x.dtype} with unit column stride, got {tuple(out.shape)} {out.dtype}")
+    bias = bias.contiguous() if bias is not None else None  # N elements: a copy only when strided
+    dropout = dropout_p > 0
+    in_tile = _shrink_in_tile(m, r, dropout) if shrink_in_tile is None else shrink_in_tile
+    inv = 1.0 / (1.0 - dropout_p)
+    if in_tile:
+        _launch_fused(x2, weight, bias, lora_a, lora_b, None, out, scale * inv, dropout_p, seed,
+                      1 if dropout else 0, True, regime)
+    else:
+        h = _launch_shrink(x2, lora_a, inv, dropout_p, seed)
+        _launch_fused(x2, weight, bias, lora_a, lora_b, h, out, scale, 0.0, 0, 0, False, regime)
+    return out.view(*x.shape[:-1], n)
+
+
+def lora_linear_dx(dy: Tensor, weight: Tensor, g: Tensor, lora_a: Tensor, scale: float, dropout_p: float, seed: int,
+                   *, out: Tensor | None = None, regime: str | None = None) -> Tensor:
+    """dx [M, K] = dy @ W + mask * (scale/(1-p)) * g @ A, in one fused pass.
+
+    Shape: dy [M, N], weight [N, K], g = dy @ B [M, r] fp32, lora_a [r, K]. The same kernel as the
+    forward on transposed views: W.T [K, N] is the "weight", B's role is played by A.T [K, r].
+    """
+    m, n = dy.shape
+    k = weight.shape[1]
+    if out is None:
+        out = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
+    inv = 1.0 / (1.0 - dropout_p)
+    return _launch_fused(dy, weight.t(), None, lora_a, lora_a.t(), g, out, scale * inv, dropout_p, seed,
+                         2 if dropout_p > 0 else 0, False, regime)
+
+
+def dropout_mask(x: Tensor, dropout_p: float, seed: int | Tensor) -> Tensor:
+    """The keep-mask (bool, shape of x) the kernels apply for ``dropout_p`` and ``seed``.
+
+    Shape: x [..., K] -> [..., K]. Element (m, k) of x flattened to [M, K] is kept iff
+    ``philox_uniform(seed, m*K + k) >= p``. The forward, the backward and this function draw the
+    same bits, so ``reference(x * mask / (1 - p))`` is the kernels' exact dropout.
+    """
+    x2 = _as_rows(x)
+    return _launch_dropout(x2, dropout_p, int(seed), True).view(x.shape).bool()
+
+
+def new_seed() -> Tensor:
+    """A fresh dropout seed from torch's default CPU generator (int64 [1], no device sync)."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+# =============================================================================================
+# torch.library custom ops + fake implementations
+# =============================================================================================
+
+
+def _seed_int(seed: Optional[Tensor]) -> int:
+    return int(seed.item()) if seed is not None else 0  # a CPU tensor: no device sync
+
+
+@torch.library.custom_op("lora_kernels::lora_linear", mutates_args=())
+def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: float,
+                    dropout_p: float, seed: Optional[Tensor]) -> Tensor:
+    """y [..., N] = x @ W.T + b + scale * (dropout(x) @ A.T) @ B.T (fused Triton forward)."""
+    return lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, _seed_int(seed))
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("lora_kernels::lora_shrink", mutates_args=())
+def _lora_shrink_op(x: Tensor, lora_a: Tensor, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
+    """h [M, r] fp32 = dropout(x) @ A.T, x [..., K] flattened to M rows, A [r, K] (any strides)."""
+    return _launch_shrink(_as_rows(x), lora_a, 1.0 / (1.0 - dropout_p), dropout_p, _seed_int(seed))
+
+
+@_lora_shrink_op.register_fake
+def _(x, lora_a, dropout_p, seed):
+    return x.new_empty((x.shape[:-1].numel(), lora_a.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_dx", mutates_args=())
+def _lora_linear_dx_op(dy: Tensor, weight: Tensor, g: Tensor, lora_a: Tensor, scale: float, dropout_p: float,
+                       seed: Optional[Tensor]) -> Tensor:
+    """dx [M, K] = dy @ W + dropout_mask * scale/(1-p) * g @ A (fused Triton pass). dy [M, N], g [M, r] fp32."""
+    return lora_linear_dx(dy, weight, g, lora_a, scale, dropout_p, _seed_int(seed))
+
+
+@_lora_linear_dx_op.register_fake
+def _(dy, weight, g, lora_a, scale, dropout_p, seed):
+    return dy.new_empty((dy.shape[0], weight.shape[1]))
+
+
+@torch.library.custom_op("lora_kernels::lora_dropout", mutates_args=())
+def _lora_dropout_op(x: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
+    """x_d [M, K] = x * mask / (1 - p) with the kernels' philox mask; x [..., K] flattened."""
+    return _launch_dropout(_as_rows(x), dropout_p, _seed_int(seed), False)
+
+
+@_lora_dropout_op.register_fake
+def _(x, dropout_p, seed):
+    return x.new_empty((x.shape[:-1].numel(), x.shape[-1]))
+
+
+# =============================================================================================
+# Autograd
+# =============================================================================================
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed = inputs
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.has_bias = bias is not None
+    # Saved: the inputs only (x, W, A, B, seed). h = x_d @ A.T is recomputed in backward (one more
+    # read of x) rather than saved, and the dropout mask is regenerated from the seed.
+    ctx.save_for_backward(x, weight, lora_a, lora_b, seed)
+
+
+def _backward(ctx, dy):
+    x, weight, lora_a, lora_b, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
+    s, p = ctx.scale, ctx.dropout_p
+    n, k = weight.shape
+    dy2 = dy.reshape(-1, n)
+    x2 = x.reshape(-1, k)
+    dx = dw = db = da = dlb = None
+    if need_x or need_a:
+        g = torch.ops.lora_kernels.lora_shrink(dy2, lora_b.t(), 0.0, None)  # dy @ B, fp32 [M, r]
+        if need_x:
+            dx = torch.ops.lora_kernels.lora_linear_dx(dy2, weight, g, lora_a, s, p, seed).view(x.shape)
+        if need_a:
+            xd = torch.ops.lora_kernels.lora_dropout(x2, p, seed) if p > 0 else x2
+            da = (g * s).to(x.dtype).t() @ xd  # [r, K]; cuBLAS GEMM over the M tokens
+    if need_lb:
+        h = torch.ops.lora_kernels.lora_shrink(x2, lora_a, p, seed)  # dropout(x) @ A.T, fp32 [M, r]
+        dlb = dy2.t() @ (h * s).to(x.dtype)  # [N, r]
+    if need_w:
+        dw = dy2.t() @ x2  # [N, K]
+    if need_b and ctx.has_bias:
+        db = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
+    return dx, dw, db, da, dlb, None, None, None
+
+
+torch.library.register_autograd("lora_kernels::lora_linear", _backward, setup_context=_setup_context)
+
+
+# =============================================================================================
+# Public entry point
+# =============================================================================================
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float = 1.0,
+                *, dropout_p: float = 0.0) -> Tensor:
+    """``y = x @ weight.T + bias + scale * (dropout(x) @ lora_a.T) @ lora_b.T`` on Triton.
+
+    Shape: x [..., K], weight [N, K], bias [N] or None, lora_a [r, K], lora_b [N, r] -> y [..., N].
+    Differentiable in x, weight, bias, lora_a and lora_b. Dropout (``dropout_p > 0``) masks the
+    LoRA input only, with a fresh seed from torch's default CPU generator per call (see
+    :func:`dropout_mask`). float64 inputs run on the torch reference (Triton's fp64 dot is not a
+    path worth shipping: no tensor cores, and nothing in the contract needs it fast).
+    """
+    check_lora_linear(x, weight, bias, lora_a, lora_b, dropout_p)
+    if x.dtype == torch.float64:
+        from .. import reference
+
+        return reference._lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p)
+    dropout_p = float(dropout_p)
+    seed = new_seed() if dropout_p > 0 else None
+    return torch.ops.lora_kernels.lora_linear(x, weight, bias, lora_a, lora_b, float(scale), dropout_p, seed)
+
+
+# =============================================================================================
+# AOT specs: every shipped kernel config, for tests/test_triton_aot.py
+# =============================================================================================
+
+_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def aot_specs(dtypes=(torch.bfloat16, torch.float32)) -> Iterator[tuple[str, object, dict, dict, int, int]]:
+    """Yield ``(name, kernel, signature, constexprs, num_warps, num_stages)`` for every config the
+    heuristic can pick: the forward (in-tile shrink or precomputed h) per regime, the backward dx
+    (transposed operands, epilogue dropout), the shrink per rank band (forward x @ A.T with and
+    without dropout, backward dy @ B, split-K). The signatures are what the JIT sees for
+    contiguous torch tensors with K, N multiples of 16: unit strides become constexpr 1, the other
+    strides carry the divisible-by-16 hint (``"i32:16"``); ``*-odd`` entries drop the hints (K,
+    N = 2049).
+    """
+    for dtype in dtypes:
+        t, elem = _TL[dtype], torch.tensor([], dtype=dtype).element_size()
+        prec = _dot_prec(dtype)
+        ptrs = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "a_ptr": f"*{t}", "b_ptr": f"*{t}",
+                "h_ptr": "*fp32", "out_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32", "R": "i32"}
+        strides = ("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ar", "stride_ak",
+                   "stride_bn", "stride_br", "stride_hm", "stride_om")
+        # (name, unit strides, strides divisible by 16): forward [x, W, A, B row-major], dx [dy, W.T, A.T]
+        layouts = {"fwd": (("stride_xk", "stride_wk", "stride_ak", "stride_br"), ("stride_xm", "stride_wn", "stride_ar", "stride_om")),
+                   "dx": (("stride_xk", "stride_wn", "stride_ak", "stride_bn"), ("stride_xm", "stride_wk", "stride_ar", "stride_br", "stride_om")),
+                   "fwd-odd": (("stride_xk", "stride_wk", "stride_ak", "stride_br"), ())}
+        for regime, cfg in FUSED_CONFIGS.items():
+            if regime == "prefill_dx_drop":
+                variants = [("dx_drop", "dx", False, 2, EXPAND_CHUNK)]
+            else:
+                variants = [("h", "fwd", False, 0, EXPAND_CHUNK), ("h", "fwd-odd", False, 0, EXPAND_CHUNK),
+                            ("dx", "dx", False, 0, EXPAND_CHUNK)]
+            if regime == "decode_s" or regime == "decode_l":
+                variants.append(("dx_drop", "dx", False, 2, EXPAND_CHUNK))
+                variants += [("intile_r64", "fwd", True, 0, IN_TILE_MAX_RANK), ("intile_r16", "fwd", True, 0, 16),
+                             ("intile_r16", "fwd-odd", True, 0, 16)]
+            for vname, layout, in_tile, drop_mode, br in variants:
+                units, div16 = layouts[layout]
+                sig = dict(ptrs)
+                sig.update({st: "constexpr" if st in units else "i32:16" if st in div16 else "i32" for st in strides})
+                sig.update({"scale": "fp32", "drop_p": "fp32", "seed": "i32"})
+                consts = {st: 1 for st in units}
+                consts.update({"HAS_BIAS": layout != "dx", "SHRINK_IN_TILE": in_tile, "DROP_MODE": drop_mode, "BM": cfg.BM,
+                               "BN": cfg.BN, "BK": _bk(cfg, elem, layout != "fwd-odd"), "BR": br, "GROUP_M": cfg.GROUP_M,
+                               "EVEN_K": layout != "fwd-odd", "DOT_PREC": prec,
+                               "INTERPRET": False})
+                sig.update({c: "constexpr" for c in consts})
+                yield (f"fused/{regime}/{vname}/{layout}/{t}", _lora_fused_kernel, sig, consts, cfg.num_warps,
+                       cfg.num_stages)
+        for band, ranks in (("r_le_64", (16, 64)), ("r_gt_64", (128, 256))):
+            cfg = SHRINK_CONFIGS[band]
+            for br in ranks:
+                # x @ A.T (forward, A [r, K] row-major), dy @ B (backward, B.T as [r, N]: stride_ar = 1)
+                for use, units, div16, dropout, split in (("xA", ("stride_xk", "stride_ak"), ("stride_xm", "stride_ar"), False, 1),
+                                                          ("xA_drop", ("stride_xk", "stride_ak"), ("stride_xm", "stride_ar"), True, 4),
+                                                          ("dyB", ("stride_xk", "stride_ar"), ("stride_xm",), False, 4),
+                                                          ("xA-odd", ("stride_xk", "stride_ak"), (), False, 1)):
+                    sig = {"x_ptr": f"*{t}", "a_ptr": f"*{t}", "h_ptr": "*fp32", "M": "i32", "K": "i32", "R": "i32"}
+                    sig.update({st: "constexpr" if st in units else "i32:16" if st in div16 else "i32"
+                                for st in ("stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_hm")})
+                    sig.update({"h_scale": "fp32", "drop_p": "fp32", "seed": "i32"})
+                    consts = {st: 1 for st in units}
+                    odd = use.endswith("odd")
+                    consts.update({"DROPOUT": dropout, "SPLIT_K": split, "BM": cfg.BM, "BK": _bk(cfg, elem, not odd), "BR": br,
+                                   "EVEN_K": not odd,
+                                   "DOT_PREC": prec, "INTERPRET": False})
+                    sig.update({c: "constexpr" for c in consts if c not in units})
+                    yield f"shrink/{band}/r{br}/{use}/split{split}/{t}", _shrink_kernel, sig, consts, cfg.num_warps, cfg.num_stages
