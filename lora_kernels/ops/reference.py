@@ -37,7 +37,7 @@ def _lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0):
     h = F.linear(xd, lora_a)  # [..., r], small
     n, r = lora_b.shape
     # addmm_ adds the expand GEMM into y in place: one write of y instead of two.
-    y.view(-1, n).addmm_(h.reshape(-1, r), lora_b.t(), alpha=float(scale))
+    y.view(h.shape[:-1].numel(), n).addmm_(h.reshape(-1, r), lora_b.t(), alpha=float(scale))
     return y
 
 
