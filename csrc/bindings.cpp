@@ -134,7 +134,10 @@ at::Tensor run_fused(const char* op, DType dt, const Device& dev, const at::Tens
   args.b = b.data_ptr(); args.b_task_stride = N * r; args.ldb = r;
   args.task_ids = task_ids; args.scales = scales; args.scale = scale;
   args.accumulate = !fused;
-  args.use_mma = fused && dev.mma && lora_kernels::can_use_mma(dt, x2.data_ptr(), K, w.data_ptr(), K, 0, K);
+  // Accumulate mode loads no x or W (K = 0): the tensor-core template is used for its 64-token
+  // tiles (B rows read once per 64 rows instead of once per 8).
+  args.use_mma = dev.mma && (fused ? lora_kernels::can_use_mma(dt, x2.data_ptr(), K, w.data_ptr(), K, 0, K)
+                                   : dt != DType::kFloat32);
   check_launch(lora_kernels::launch_fused(args, stream), op, fused ? "fused forward" : "expand");
   return y;
 }

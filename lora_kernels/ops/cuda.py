@@ -302,8 +302,9 @@ class _LoraLinearMixed(torch.autograd.Function):
         x2, weight, bias, lora_a, lora_b, scales = ctx.saved_tensors
         needs = ctx.needs_input_grad
         inputs = [(x2, needs[0]), (weight, needs[1]), (bias, needs[2]), (lora_a, needs[3]), (lora_b, needs[4])]
+        routing = ctx.routing.to(x2.device)
         grads = _reference_grads(
-            lambda *t: reference.lora_linear_mixed(*t, scales.detach(), ctx.routing), inputs, dy)
+            lambda *t: reference.lora_linear_mixed(*t, scales.detach(), routing), inputs, dy)
         return (*grads, None, None)
 
 
