@@ -248,11 +248,11 @@ class Model(nn.Module):
         items = []
         for name, w in spec.items():
             self._check_task(name)
-            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not -math.inf < w < math.inf:
                 raise ValueError(f"weight of task {name!r} must be a finite number, got {w!r}")
             if w != 0:
                 items.append((name, float(w)))
-        return tuple(sorted(items))
+        return tuple(sorted(items, key=lambda item: item[0]))  # names are unique; weights may be symbolic under compile
 
     def _route(self, task: Any, tasks: Any, inputs: tuple, kwargs: dict) -> Route | None:
         if tasks is not None:
