@@ -274,7 +274,7 @@ class WritesAFile:
 
 
 @pytest.mark.parametrize("name, writer", [("task.pt", "torch"), ("task.bin", "pickle"), ("task.safetensors", "pickle"),
-                                          ("task.safetensors", "torch")])
+                                          ("task.safetensors", "torch"), ("task.pkl", "pickle0")])
 def test_pickle_files_refused_never_unpickled(tmp_path, name, writer):
     marker = tmp_path / "pwned"
     payload = {"fc.lora_A.weight": WritesAFile(str(marker))}
@@ -283,13 +283,53 @@ def test_pickle_files_refused_never_unpickled(tmp_path, name, writer):
         torch.save(payload, path)
     else:
         with open(path, "wb") as f:
-            pickle.dump(payload, f)
+            pickle.dump(payload, f, protocol=0 if writer == "pickle0" else pickle.DEFAULT_PROTOCOL)
     model = make(1)
     snap = snapshot(model)
     with pytest.raises(CheckpointError, match="pickle.*never unpickles.*safetensors"):
         model.load_task(path, task="new")
     assert not marker.exists(), "the pickle payload ran"
     assert_unchanged(model, snap)
+
+
+def test_safetensors_named_bin_is_read(tmp_path):
+    """Files are sniffed, not judged by their name: a safetensors file called .bin loads."""
+    make(0).save_task(tmp_path / "a.bin", task="a")
+    model = make(1)
+    model.load_task(tmp_path / "a.bin", task="new")
+    assert "new" in model.tasks
+
+
+class Gain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(5))
+
+    def forward(self, x):
+        return x * self.w
+
+
+class GainTask(nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.scale = base, nn.Parameter(torch.full((5,), 1.5))
+
+    def forward(self, x):
+        return self.base(x) * self.scale
+
+
+def test_custom_layer_task_round_trip(tmp_path):
+    lk.register_base_module_wrapper(Gain, GainTask)
+    torch.manual_seed(0)
+    src = lk.Model(nn.Sequential(nn.Linear(4, 5), Gain())).add_task("a", rank=2, init="kaiming_both")
+    with torch.no_grad():
+        src.task_parameters("a")["1.scale"].copy_(torch.randn(5))
+    src.save_task(tmp_path / "a.safetensors", task="a")
+    dst = lk.Model(nn.Sequential(nn.Linear(4, 5), Gain()))
+    dst.load_state_dict(src.state_dict())
+    dst.load_task(tmp_path / "a.safetensors", task="a")
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(dst(x, task="a"), src(x, task="a"), rtol=0, atol=0)
 
 
 def test_failure_after_creation_removes_the_task(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import lora_kernels as lk
 from lora_kernels.io import CheckpointError
@@ -256,6 +257,7 @@ class WritesAFile:
         return (open, (self.target, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_adapter_refused_and_never_unpickled(adapter_copy, tmp_path):
     folder, model = adapter_copy
     os.remove(folder / "adapter_model.safetensors")
@@ -281,3 +283,49 @@ def test_bin_adapter_with_opt_in(llama, tmp_path):
     model = lk.Model(copy.deepcopy(llama["base"])).eval()
     model.load_peft_adapter(tmp_path, task="a", allow_pickle=True)
     assert_close(logits(model, llama["ids"], task="a"), logits(llama["model"], llama["ids"], task="default"), torch.float32)
+
+
+def test_adapter_name_in_keys_accepted(adapter_copy, llama):
+    """Some writers keep the adapter name in the keys (lora_A.default.weight)."""
+    folder, model = adapter_copy
+
+    def rename(sd):
+        for k in list(sd):
+            if ".lora_A.weight" in k or ".lora_B.weight" in k:
+                sd[k.replace(".weight", ".default.weight")] = sd.pop(k)
+            elif k.endswith(("lora_embedding_A", "lora_embedding_B")):
+                sd[k + ".default"] = sd.pop(k)
+
+    edit_weights(folder, rename)
+    model.load_peft_adapter(folder, task="pat")
+    ids = llama["ids"]
+    assert_close(logits(model, ids, task="pat"), logits(llama["model"], ids, task="pat"), torch.float32)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.inner = nn.Sequential()
+        self.inner.fc = nn.Linear(6, 6)  # "inner.fc" ends with ".fc": PEFT's suffix match would pick it too
+
+    def forward(self, x):
+        return self.inner.fc(torch.relu(self.fc(x)))
+
+
+def test_export_with_ambiguous_names(tmp_path):
+    torch.manual_seed(0)
+    base = Block()
+    model = lk.Model(copy.deepcopy(base))
+    model.add_task("a", rank={"fc": 2}, alpha=5.0, modules=["fc"], init="kaiming_both")
+    model.save_peft_adapter(tmp_path, task="a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert_close(pm(x), model(x, task="a").double(), torch.float32, "ambiguous export")
+    assert not hasattr(pm.base_model.model.inner.fc, "lora_A"), "PEFT adapted a module the task does not"
+    back = lk.Model(copy.deepcopy(base)).load_peft_adapter(tmp_path, task="a")
+    got, want = back.task_config("a"), model.task_config("a")
+    assert (got.ranks, got.alphas, got.rslora) == (want.ranks, want.alphas, want.rslora)

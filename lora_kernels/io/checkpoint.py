@@ -119,12 +119,14 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or path.lower().endswith(PICKLE_SUFFIXES):
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip archive, or a pickle stream
         raise _refuse(source, _pickle_message(path))
-    if size < 10 or len(head) < 9:
-        raise _refuse(source, f"the file has {size} bytes: too short to be safetensors (truncated?)")
-    header_len = int.from_bytes(head[:8], "little")
-    if header_len > size - 8 or head[8:9] != b"{":
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    if size < 10 or header_len > size - 8 or head[8:9] != b"{":
+        if path.lower().endswith(PICKLE_SUFFIXES):  # named like a pickle (old protocols have no magic)
+            raise _refuse(source, _pickle_message(path))
+        if size < 10:
+            raise _refuse(source, f"the file has {size} bytes: too short to be safetensors (truncated?)")
         raise _refuse(source, f"not a safetensors file or truncated: header says {header_len} bytes of JSON, the file has {size - 8} after the length")
     try:
         tensors = {}
