@@ -9,9 +9,9 @@
 
 __version__ = "0.1.0"
 
-from . import ops
+from . import io, ops
 from .layers import register_base_module_wrapper
 from .model import Model, TaskConfig
 from .ops import available_backends, set_backend, use_backend
 
-__all__ = ["Model", "TaskConfig", "register_base_module_wrapper", "ops", "set_backend", "use_backend", "available_backends", "__version__"]
+__all__ = ["Model", "TaskConfig", "register_base_module_wrapper", "io", "ops", "set_backend", "use_backend", "available_backends", "__version__"]

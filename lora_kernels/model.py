@@ -176,6 +176,7 @@ class Model(nn.Module):
         """
         with _TASKS_LOCK:
             self._check_task(name)
+            self._refuse_if_merged(f"remove task {name!r}", name)
             if self._in_flight.get(name):
                 raise RuntimeError(f"task {name!r} is in use by {self._in_flight[name]} running call(s); remove it between calls")
             for layer in self._layers.values():
@@ -354,6 +355,7 @@ class Model(nn.Module):
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of str to tensors, got {type(state_dict).__name__}")
+        self._refuse_if_merged("load the base weights" if task is None else f"load task {task!r}", task)
         if task is None:
             inner = self.model.state_dict(keep_vars=True)
             targets = {o: v for k, v in inner.items() if (o := self._original_key(k)) is not None}
@@ -395,6 +397,14 @@ class Model(nn.Module):
         if errors:
             raise RuntimeError(f"refusing to load the state dict of the {what} (nothing was changed):\n  " + "\n  ".join(errors))
         return missing, unexpected
+
+    def _refuse_if_merged(self, what: str, task: str | None = None) -> None:
+        """Changing the merged task (or, task None, the base) while merged would be undone or lost by unmerge()."""
+        from .io.merge import merged_task
+
+        merged = merged_task(self)
+        if merged is not None and (task is None or task == merged):
+            raise RuntimeError(f"cannot {what} while task {merged!r} is merged into the base weights; call unmerge() first")
 
     # --- checkpoints, PEFT, merging: see lora_kernels.io -------------------------------------------
     def save_task(self, path: str, task: str) -> None:

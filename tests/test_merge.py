@@ -168,3 +168,16 @@ def test_merge_llama_and_gpt2():
             assert_close(model(input_ids=ids, task="a").logits, before.double(), torch.float32, type(base).__name__)
             model.unmerge()
             assert torch.equal(model(input_ids=ids).logits, base_out)
+
+
+def test_changing_the_merged_task_or_base_is_refused_while_merged():
+    torch.manual_seed(0)
+    model = lk.Model(torch.nn.Linear(6, 6)).add_task("a").add_task("b")
+    model.merge("a")
+    sd_a, sd_base = model.state_dict(task="a"), model.state_dict()
+    for call in (lambda: model.remove_task("a"), lambda: model.load_state_dict(sd_a, task="a"), lambda: model.load_state_dict(sd_base)):
+        with pytest.raises(RuntimeError, match="unmerge"):
+            call()
+    model.load_state_dict(model.state_dict(task="b"), task="b")  # other tasks are fine
+    model.unmerge()
+    model.remove_task("a")
