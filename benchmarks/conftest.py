@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
 
 import pytest
 
@@ -35,6 +36,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-device", choices=("cpu", "cuda"), default=None, help="device (default: cuda when available)")
     group.addoption("--bench-dtype", choices=("float32", "bfloat16", "float16"), default=None,
                     help="dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    group.addoption("--bench-deadline", type=float, default=None,
+                    help="Unix time after which the remaining benchmarks are skipped (the JSON is still written)")
     group.addoption("--bench-compile", action="store_true", default=False,
                     help="also run the torch.compile peer on CPU (slow to compile)")
 
@@ -48,6 +51,12 @@ def pytest_collect_file(file_path, parent):
     if any(p.startswith("bench_") for p in parent.config.getini("python_files")):
         return None
     return pytest.Module.from_parent(parent, path=file_path)
+
+
+def pytest_runtest_setup(item):
+    deadline = item.config.getoption("bench_deadline", default=None)
+    if deadline and "bench" in item.keywords and time.time() > deadline:
+        pytest.skip("the time budget of this run is spent (--bench-deadline)")
 
 
 def pytest_configure(config):
