@@ -111,7 +111,8 @@ def step_tests(run: Run) -> str:
 def step_cuda_ext(run: Run) -> str:
     script = ROOT / "python" / "gpu_check_cuda.py"
     if script.exists():
-        return sh([sys.executable, str(script)], min(150, run.left() - 180))
+        status = sh([sys.executable, str(script)], min(150, run.left() - 180))
+        return status + (" (expected in a CPU dry run)" if run.dry and status != "ok" else "")
     from lora_kernels.ops import cuda
 
     for fn in ("gpu_check", "check", "build"):
@@ -234,7 +235,7 @@ def step_bench(run: Run, stem: str, out_dir: Path) -> str:
         return "skipped: no time left"
     deadline = time.time() + budget - 20  # remaining benchmarks are skipped past it, so the JSON is still written
     cmd = [sys.executable, "-m", "lora_kernels", "bench", "--size", size, "--name", stem, "--out", str(out_dir),
-           "--pytest-args", f"--bench-deadline={deadline:.0f}" + (" --bench-device=cpu" if run.dry else "")]
+           f"--pytest-args=--bench-deadline={deadline:.0f}" + (" --bench-device=cpu" if run.dry else "")]
     return sh(cmd, budget)
 
 
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         short_table(run, stem, out_dir)
     except Exception:
         traceback.print_exc()
-    failed = [s for s in run.steps if "FAILED" in s[1] or "WRONG" in s[1] or "TIMED OUT" in s[1]]
+    failed = [s for s in run.steps if ("FAILED" in s[1] and "expected in a CPU dry run" not in s[1]) or "WRONG" in s[1] or "TIMED OUT" in s[1]]
     print(f"\ngpu_check finished in {time.monotonic() - run.t0:.0f}s; {len(failed)} step(s) failed")
     return 1 if failed else 0
 
