@@ -83,6 +83,24 @@ class _One(nn.Module):
         return self.lin(x)
 
 
+def _unfused(x, w, b, a, bb, s: float):
+    return F.linear(x, w, b) + F.linear(F.linear(x, a), bb) * s
+
+
+_COMPILED = []
+
+
+def _compiled_unfused():
+    """One compiled function for the whole run: it recompiles per dtype/mode, and after the first
+    new shape dynamo's automatic dynamic shapes make the token dimension symbolic (few compiles)."""
+    if not _COMPILED:
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+        _COMPILED.append(torch.compile(_unfused))
+    return _COMPILED[0]
+
+
 def build(peer: str, st: Setup):
     """(fn(x) -> y, {"dA": tensor whose .grad is dA, "dB": ...}) for one peer."""
     w, b, s = st.w, st.b, SCALE
@@ -96,11 +114,8 @@ def build(peer: str, st: Setup):
     if peer == "unfused":
         return (lambda x: F.linear(x, w, b) + F.linear(F.linear(x, a), bb) * s), lora
     if peer == "compile":
-        import torch._dynamo as dynamo
-
-        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 256)
-        f = torch.compile(lambda x, a, bb: F.linear(x, w, b) + F.linear(F.linear(x, a), bb) * s, dynamic=False)
-        return (lambda x: f(x, a, bb)), lora
+        f = _compiled_unfused()
+        return (lambda x: f(x, w, b, a, bb, s)), lora
     if peer == "seed":
         return (lambda x: F.linear(x, w + (bb @ a) * s, b)), lora
     if peer == "loralib":

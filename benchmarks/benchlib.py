@@ -81,10 +81,10 @@ MATRICES = {
                     mix_dists=DISTS, mix_fwdbwd_tokens=(64,), mix_fwdbwd_dists=("uniform",), model="small",
                     model_seqs=(32,), model_dists=DISTS, model_rank=16, time_budget_s=0.25, min_rounds=3, max_rounds=30),
     # GPU subset for python/gpu_check.py (a few minutes on an H200).
-    "gpu": Matrix(lin_shapes=((4096, 4096), (4096, 14336), (14336, 4096)), lin_ranks=(16, 64), lin_tokens=TOKENS_FULL,
+    "gpu": Matrix(lin_shapes=((4096, 4096), (4096, 14336), (14336, 4096)), lin_ranks=(16,), lin_tokens=TOKENS_FULL,
                   lin_fwdbwd_tokens=(64, 2048, 8192), lin_fwdbwd_shapes=((4096, 4096),), mix_shapes=((4096, 4096),),
-                  mix_ranks=(16,), mix_tokens=(16, 64, 256, 2048), mix_dists=DISTS, mix_fwdbwd_tokens=(256, 2048),
-                  mix_fwdbwd_dists=("uniform", "distinct"), model="llama8b-2l", model_seqs=(1, 256), model_dists=DISTS,
+                  mix_ranks=(16,), mix_tokens=(16, 64, 256, 2048), mix_dists=DISTS, mix_fwdbwd_tokens=(64, 2048),
+                  mix_fwdbwd_dists=("uniform", "distinct"), model="llama8b-2l", model_seqs=(256,), model_dists=("uniform", "distinct"),
                   model_rank=16, compile_shapes=((4096, 4096),), time_budget_s=0.05, min_rounds=10, max_rounds=200),
     # The whole matrix of DESIGN.md §7.
     "full": Matrix(lin_shapes=SHAPES_FULL, lin_ranks=RANKS_FULL, lin_tokens=TOKENS_FULL, lin_fwdbwd_tokens=TOKENS_FULL,
@@ -119,10 +119,10 @@ PEER_DOC = {
     "base": "the base layer/model alone, no LoRA (F.linear / the HF model)",
     "merged": "W + s·B·A merged once beforehand (one task only)",
     "unfused": "PEFT's formula in torch: F.linear(x, W, b) + s·B(A(x))",
-    "compile": "torch.compile of the unfused formula",
+    "compile": "torch.compile (default options) of the unfused formula",
     "seed": "the seed's approach: F.linear(x, W + s·B·A) materialising the weight every call (per task in mixed batches)",
     "loralib": "loralib.Linear (merge_weights=False), one task",
-    "peft": "PEFT LoRA (mixed batches: adapter_names=..., eval only)",
+    "peft": "PEFT LoRA, default options (mixed batches: adapter_names=..., inference only)",
     "loop": "per-task loop in torch: gather rows, s·B(A(x)), index_add (row indices precomputed)",
 }
 
