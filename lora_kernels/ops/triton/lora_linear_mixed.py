@@ -25,9 +25,9 @@ Kernels (this file stacks kernels -> launchers -> custom ops + fakes -> autograd
                          segments make almost every tile single-task.
 ``_fused_kernel``        y tile = x @ W.T + b (shared base GEMM, every row) plus, per segment in
                          the tile, h_seg @ B_t.T -- base and LoRA in one output tile, y written
-                         once (scattered back to original rows). ``-1`` rows take the base
-                         accumulator untouched through ``tl.where``: bit-identical to the same
-                         kernel with no task at all.
+                         once (scattered back to original rows). One fp32 accumulator: rows
+                         outside a segment load h = 0 and gain exact zeros, so ``-1`` rows equal
+                         the same kernel with no task at all (bitwise, up to the sign of a zero).
 ``_segsum_kernel``       out[t] = P_seg(t).T @ Q[order[seg(t)]] -- the per-task weight gradients
                          as a segmented reduction: one program owns a (task, r-block, d-block)
                          output tile and loops over its segment's rows in a fixed order. No
@@ -41,7 +41,7 @@ dA_t = g_seg.T @ x_seg and dB_t = dy_seg.T @ h_seg are segment sums. dW = dy.T @
 plain torch (cuBLAS is already at the floor for that GEMM) and only computed when needed.
 
 Precision: fp32 accumulate everywhere; h = x @ A.T stays fp32 in memory (it is [M, r], tiny) and
-is rounded to the input dtype only as an MMA operand of the expand. fp32 inputs use
+enters the 16-bit expand MMA as hi + lo halves (two MMAs), so its fp32 precision survives. fp32 inputs use
 ``input_precision="ieee"`` (no TF32) so fp32 matches torch's default numerics.
 
 Ranks: the stacks are zero-padded to the largest rank R. Passing ``ranks`` ([T] int32, the true
@@ -68,6 +68,34 @@ __all__ = ["lora_linear_mixed", "batch_metadata", "shipped_configs", "BGMV_MAX_M
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a @ b, fp32 accumulate. Triton 3.9's interpreter multiplies the raw uint16 bits of
+    bf16 operands (np.matmul on the storage); there, and only there, bf16 is widened first."""
+    if INTERPRET:
+        if a.dtype == tl.bfloat16:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _mma_f32a(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a @ b with ``a`` fp32 (h, g: kept fp32 by contract) and ``b`` in the input dtype.
+
+    For 16-bit ``b`` the MMA needs 16-bit operands: ``a = hi + lo`` (both 16-bit), two MMAs, so
+    ~16 mantissa bits of ``a`` survive instead of 8 (bf16). The extra MMA costs r/K of the base
+    GEMM's tensor-core time (< 2% at r = 64, K = 4096) and no extra memory traffic.
+    """
+    if b.dtype == tl.float32:
+        acc = _mma(a, b, acc, PRECISION, INTERPRET)
+    else:
+        hi = a.to(b.dtype)
+        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        acc = _mma(hi, b, acc, PRECISION, INTERPRET)
+        acc = _mma(lo, b, acc, PRECISION, INTERPRET)
+    return acc
 
 
 @triton.jit
@@ -114,7 +142,7 @@ def _shrink_sgmv_kernel(
     x_ptr, a_ptr, s_ptr, h_ptr, order_ptr, sid_ptr, seg_ptr, rank_ptr,
     M, K, R,
     stride_xm, stride_xk, stride_at, stride_ar, stride_ak, stride_hm, stride_hr,
-    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """h tile [BLOCK_M sorted rows, BLOCK_R] = s_t * x_seg @ A_t.T for each segment in the tile."""
@@ -130,6 +158,7 @@ def _shrink_sgmv_kernel(
     t_first = tl.load(sid_ptr + p0)
     t_last = tl.load(sid_ptr + p1 - 1)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    row_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
     # Sorted ids: the tasks in [t_first, t_last] either own rows of this tile or none at all.
     for t in range(tl.maximum(t_first, 0), t_last + 1):
         lo = tl.load(seg_ptr + t)
@@ -144,16 +173,16 @@ def _shrink_sgmv_kernel(
             x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
             a_ptrs = (a_ptr + tl.cast(t, tl.int64) * stride_at + offs_r[None, :].to(tl.int64) * stride_ar
                       + offs_k[:, None].to(tl.int64) * stride_ak)
-            part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 k_mask = offs_k < K - k0
                 xt = tl.load(x_ptrs, mask=in_seg[:, None] & k_mask[None, :], other=0.0)
                 at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-                part = tl.dot(xt, at, part, input_precision=PRECISION)
+                acc = _mma(xt, at, acc, PRECISION, INTERPRET)
                 x_ptrs += BLOCK_K * stride_xk
                 a_ptrs += BLOCK_K * stride_ak
-            s = tl.load(s_ptr + t)
-            acc += part * s  # rows outside the segment hold exact zeros in part
+            # Segments are disjoint row sets: accumulate unscaled, scale each row once at the end.
+            row_scale = tl.where(in_seg, tl.load(s_ptr + t), row_scale)
+    acc = acc * row_scale[:, None]
     h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_r[None, :].to(tl.int64) * stride_hr
     tl.store(h_ptrs, acc, mask=p_mask[:, None] & (offs_r[None, :] < R))
 
@@ -164,7 +193,7 @@ def _fused_kernel(
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr,
     stride_bt, stride_bn, stride_br, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -200,7 +229,7 @@ def _fused_kernel(
         k_mask = offs_k < K - k0
         xt = tl.load(x_ptrs, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        acc = _mma(xt, wt, acc, PRECISION, INTERPRET)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
@@ -209,9 +238,7 @@ def _fused_kernel(
     # LoRA expand: one MMA per task segment intersecting the tile, reading only that task's B_t.
     t_first = tl.load(sid_ptr + p0)
     t_last = tl.load(sid_ptr + p1 - 1)
-    tids = tl.load(sid_ptr + offs_p, mask=p_mask, other=-1)
     offs_r = tl.arange(0, BLOCK_R)
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(tl.maximum(t_first, 0), t_last + 1):
         lo = tl.load(seg_ptr + t)
         hi = tl.load(seg_ptr + t + 1)
@@ -228,13 +255,13 @@ def _fused_kernel(
                 r_mask = offs_r < r_t - r0
                 ht = tl.load(h_ptrs, mask=in_seg[:, None] & r_mask[None, :], other=0.0)
                 bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                lora = tl.dot(ht.to(bt.dtype), bt, lora, input_precision=PRECISION)
+                # Rows outside the segment load h = 0: their acc gains exact zeros (one register
+                # accumulator for base + LoRA; a second [BM, BN] fp32 one spills at 128x128).
+                acc = _mma_f32a(ht, bt, acc, PRECISION, INTERPRET)
                 h_ptrs += BLOCK_R * stride_hr
                 b_ptrs += BLOCK_R * stride_br
-    # -1 rows keep the base accumulator bit for bit (no "+ 0.0" on them).
-    out = tl.where((tids >= 0)[:, None], acc + lora, acc)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
-    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=p_mask[:, None] & n_mask[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=p_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -242,7 +269,7 @@ def _segsum_kernel(
     p_ptr, q_ptr, out_ptr, order_ptr, seg_ptr, rank_ptr,
     R, D, SPLIT,
     stride_pm, stride_pr, stride_qm, stride_qd, stride_os, stride_ot, stride_or, stride_od,
-    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[split, t, r, d] = sum over chunk ``split`` of task t's rows p of P[p, r] * Q[order[p], d].
@@ -280,7 +307,7 @@ def _segsum_kernel(
                      mask=pm[None, :] & r_mask[:, None], other=0.0)
         qt = tl.load(q_ptr + rows[:, None] * stride_qm + offs_d[None, :].to(tl.int64) * stride_qd,
                      mask=pm[:, None] & d_mask[None, :], other=0.0)
-        acc = tl.dot(pt.to(qt.dtype), qt, acc, input_precision=PRECISION)
+        acc = _mma_f32a(pt, qt, acc, PRECISION, INTERPRET)
     o_ptrs = (out_ptr + tl.cast(sp, tl.int64) * stride_os + tl.cast(t, tl.int64) * stride_ot
               + offs_r[:, None].to(tl.int64) * stride_or + offs_d[None, :].to(tl.int64) * stride_od)
     tl.store(o_ptrs, acc, mask=(offs_r[:, None] < R) & d_mask[None, :])
@@ -302,6 +329,17 @@ SEGSUM_SPLIT_ROWS = 2048
 #: fp32 partial-buffer budget for the split reduction (bytes).
 SEGSUM_SPLIT_BYTES = 1 << 28
 
+def _interpret() -> bool:
+    from ..dispatch import triton_interpreter
+
+    return triton_interpreter()
+
+
+def _empty(shape, *, dtype, device) -> Tensor:
+    """Every buffer the launchers allocate (the tests swap in NaN-filled ones)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 _PRECISION = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "tf32"}
 
 
@@ -314,14 +352,16 @@ class FusedConfig(NamedTuple):
 
 
 def _fused_config(m: int, elem: int) -> FusedConfig:
-    """Tile of the fused base+LoRA kernel by row count. Numbers for bf16 on an H200 (untuned
-    here: no GPU in CI); smem per stage = (BM + BN) * BK * elem bytes, kept under 164 KB (sm_80)."""
-    bk = 64 if elem == 2 else 32
+    """Tile of the fused base+LoRA kernel by row count. Picked for bf16 on an H200 from the
+    standard Hopper GEMM tiles, untuned (no GPU in CI); smem per stage = (BM + BN) * BK * elem
+    bytes, every config checked by the AOT tests against sm_80's 163 KB and for spills."""
+    if elem == 4:  # fp32 is "ieee" (no tensor cores): FMA tiles, registers are the limit
+        return FusedConfig(16, 32, 64, 4, 3) if m <= 16 else FusedConfig(32, 64, 32, 4, 3)
     if m <= 16:  # decode: memory-bound GEMV-like; narrow N tiles give >= 128 CTAs for N = 4096
-        return FusedConfig(16, 32, 2 * bk, 4, 4)
+        return FusedConfig(16, 32, 128, 4, 4)
     if m <= 128:
-        return FusedConfig(64, 64, bk, 4, 4)
-    return FusedConfig(128, 128, bk, 8, 3)
+        return FusedConfig(64, 64, 64, 4, 4)
+    return FusedConfig(128, 128, 64, 8, 3)
 
 
 def _block_r(r: int) -> int:
@@ -329,13 +369,16 @@ def _block_r(r: int) -> int:
 
 
 def _shrink_tile(m: int, elem: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the SGMV shrink."""
-    bk = 64 if elem == 2 else 32
-    return (64 if m >= 1024 else 32), bk, 4, 3
+    """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the SGMV shrink: 64-row tiles (wgmma-sized)
+    once segments are long, 32 below; fp32 (FMA) keeps 32-row tiles."""
+    if elem == 4:
+        return 32, 32, 4, 3
+    return (64 if m >= 1024 else 32), 64, 4, 3
 
 
-def _bgmv_block_k(elem: int) -> int:
-    return 256 if elem == 2 else 128
+def _bgmv_block_k(block_r: int) -> int:
+    # The [BLOCK_R, BLOCK_K] A_t tile lives in registers: 4096 elements / 128 threads = 32 each.
+    return min(256, 4096 // block_r)
 
 
 def _segsum_tile(elem: int) -> tuple[int, int, int, int]:
@@ -348,7 +391,7 @@ def _shrink(x: Tensor, a_strides, a: Tensor, scales: Tensor, ranks: Tensor | Non
     """h [M, r] fp32, sorted rows: h[p] = s_t * x[order[p]] @ A_t.T with A_t given by ``a_strides``
     (t, r, k). Rows without a task (and ranks' padding) are zero."""
     m, k = x.shape
-    h = torch.empty((m, r), device=x.device, dtype=torch.float32)
+    h = _empty((m, r), device=x.device, dtype=torch.float32)
     if m == 0:
         return h
     elem = x.element_size()
@@ -358,13 +401,13 @@ def _shrink(x: Tensor, a_strides, a: Tensor, scales: Tensor, ranks: Tensor | Non
         _shrink_bgmv_kernel[(m, triton.cdiv(r, br))](
             x, a, scales, h, order, sorted_ids, rk, m, k, r,
             x.stride(0), x.stride(1), *a_strides, h.stride(0), h.stride(1),
-            HAS_RANKS=ranks is not None, BLOCK_K=_bgmv_block_k(elem), BLOCK_R=br, num_warps=4, num_stages=1)
+            HAS_RANKS=ranks is not None, BLOCK_K=_bgmv_block_k(br), BLOCK_R=br, num_warps=4, num_stages=1)
     else:
         bm, bk, nw, ns = _shrink_tile(m, elem)
         _shrink_sgmv_kernel[(triton.cdiv(m, bm), triton.cdiv(r, br))](
             x, a, scales, h, order, sorted_ids, seg_off, rk, m, k, r,
             x.stride(0), x.stride(1), *a_strides, h.stride(0), h.stride(1),
-            HAS_RANKS=ranks is not None, PRECISION=_PRECISION[x.dtype],
+            HAS_RANKS=ranks is not None, PRECISION=_PRECISION[x.dtype], INTERPRET=_interpret(),
             BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=nw, num_stages=ns)
     return h
 
@@ -373,7 +416,7 @@ def _fused(x: Tensor, w_strides, w: Tensor, n: int, bias: Tensor | None, h: Tens
            ranks: Tensor | None, order: Tensor, sorted_ids: Tensor, seg_off: Tensor, r: int) -> Tensor:
     """y [M, n] = x @ W.T + bias + per-segment h @ B_t.T, with W (n, k) and B (t, n, r) given by strides."""
     m, k = x.shape
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    y = _empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
     cfg = _fused_config(m, x.element_size())
@@ -382,7 +425,7 @@ def _fused(x: Tensor, w_strides, w: Tensor, n: int, bias: Tensor | None, h: Tens
         x, w, bias if bias is not None else x, h, b, y, order, sorted_ids, seg_off,
         ranks if ranks is not None else sorted_ids, m, n, k, r,
         x.stride(0), x.stride(1), *w_strides, h.stride(0), h.stride(1), *b_strides, y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None, PRECISION=_PRECISION[x.dtype],
+        HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None, PRECISION=_PRECISION[x.dtype], INTERPRET=_interpret(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=_block_r(r), GROUP_M=8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
@@ -398,7 +441,7 @@ def _segsum(p: Tensor, q: Tensor, order: Tensor, seg_off: Tensor, ranks: Tensor 
         while split > 1 and split * t * r * d * 4 > SEGSUM_SPLIT_BYTES:
             split //= 2
     shape = (split, t, d, r) if transpose_out else (split, t, r, d)
-    buf = torch.empty(shape, device=q.device, dtype=torch.float32)
+    buf = _empty(shape, device=q.device, dtype=torch.float32)
     if buf.numel():
         s_or, s_od = (buf.stride(3), buf.stride(2)) if transpose_out else (buf.stride(2), buf.stride(3))
         bm, bd, nw, ns = _segsum_tile(q.element_size())
@@ -406,7 +449,7 @@ def _segsum(p: Tensor, q: Tensor, order: Tensor, seg_off: Tensor, ranks: Tensor 
         _segsum_kernel[(t * split, triton.cdiv(r, br), triton.cdiv(d, bd))](
             p, q, buf, order, seg_off, ranks if ranks is not None else seg_off, r, d, split,
             p.stride(0), p.stride(1), q.stride(0), q.stride(1), buf.stride(0), buf.stride(1), s_or, s_od,
-            HAS_RANKS=ranks is not None, PRECISION=_PRECISION[q.dtype],
+            HAS_RANKS=ranks is not None, PRECISION=_PRECISION[q.dtype], INTERPRET=_interpret(),
             BLOCK_M=bm, BLOCK_R=br, BLOCK_D=bd, num_warps=nw, num_stages=ns)
     out = buf[0] if split == 1 else buf.sum(0)  # fixed-order reduction of the chunk partials
     return out.to(out_dtype)
@@ -541,13 +584,14 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
     """
     num_tasks = lora_a.shape[0] if lora_a.dim() == 3 else -1
     compiling = torch.compiler.is_compiling()
-    routing = None
-    if compiling:  # no host syncs in a traced graph: sort and search on the device
-        ids = task_ids.task_ids if isinstance(task_ids, Routing) else task_ids
-        num_rows = ids.numel()
-    else:
+    ids = None
+    if isinstance(task_ids, Routing):
         routing = Routing.of(task_ids, num_tasks)
-        num_rows = routing.num_rows
+    elif compiling:  # no host sync in a traced graph: the ids are sorted and searched on the device
+        routing, ids = None, task_ids
+    else:
+        routing = Routing(task_ids, num_tasks)
+    num_rows = routing.num_rows if routing is not None else ids.numel()
     check_lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, num_rows)
     if x.dtype not in _PRECISION:
         raise TypeError(f"lora_linear_mixed (triton): x has dtype {x.dtype}; the kernels take float32, float16, bfloat16")
@@ -562,12 +606,17 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
     # reshape copies only when the leading dims cannot be flattened as a view: made contiguous on purpose.
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if routing is not None:
+    if routing is not None and (rows_per_id == 1 or not compiling):
         routing = routing.expand(rows_per_id)
-        meta = batch_metadata(routing, x.device)
+        if compiling:  # traced: the host tuple `starts` is a constant, no cache mutation in the graph
+            meta = BatchMetadata(routing.order.to(x.device), routing.task_ids.to(x.device)[routing.order.to(x.device)].to(torch.int32),
+                                 torch.tensor(routing.starts, dtype=torch.int32, device=x.device))
+        else:
+            meta = batch_metadata(routing, x.device)
         active = m - routing.starts[0]
         bgmv = m <= BGMV_MAX_M or active < BGMV_MAX_MEAN_SEGMENT * max(1, len(routing.present))
     else:
+        ids = routing.task_ids if routing is not None else ids
         if rows_per_id != 1:
             ids = ids.repeat_interleave(rows_per_id)
         meta = _metadata_from_ids(ids.to(x.device), num_tasks)
@@ -584,49 +633,83 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
 
 _TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
+# Argument lists (kernel order, constexprs excluded) and, per use, the strides the JIT sees as 1
+# (specialized to constexpr) and those divisible by 16 (K, N multiples of 16, contiguous tensors).
+_ARGS = {
+    _shrink_bgmv_kernel: ("x_ptr a_ptr s_ptr h_ptr order_ptr sid_ptr rank_ptr M K R stride_xm stride_xk stride_at "
+                          "stride_ar stride_ak stride_hm stride_hr"),
+    _shrink_sgmv_kernel: ("x_ptr a_ptr s_ptr h_ptr order_ptr sid_ptr seg_ptr rank_ptr M K R stride_xm stride_xk "
+                          "stride_at stride_ar stride_ak stride_hm stride_hr"),
+    _fused_kernel: ("x_ptr w_ptr bias_ptr h_ptr b_ptr y_ptr order_ptr sid_ptr seg_ptr rank_ptr M N K R stride_xm "
+                    "stride_xk stride_wn stride_wk stride_hm stride_hr stride_bt stride_bn stride_br stride_ym stride_yn"),
+    _segsum_kernel: ("p_ptr q_ptr out_ptr order_ptr seg_ptr rank_ptr R D SPLIT stride_pm stride_pr stride_qm stride_qd "
+                     "stride_os stride_ot stride_or stride_od"),
+}
+_LAYOUTS = {  # (kernel, use): (unit strides, strides divisible by 16)
+    ("shrink", "xA"): ("stride_xk stride_ak stride_hr", "stride_xm stride_at stride_ar"),   # x @ A_t.T
+    ("shrink", "dyB"): ("stride_xk stride_ar stride_hr", "stride_xm stride_at"),            # dy @ B_t
+    ("fused", "fwd"): ("stride_xk stride_wk stride_hr stride_br stride_yn", "stride_xm stride_wn stride_bt stride_ym"),
+    ("fused", "dx"): ("stride_xk stride_wn stride_hr stride_bn stride_yn", "stride_xm stride_wk stride_bt stride_br stride_ym"),
+    ("segsum", "dA"): ("stride_pr stride_qd stride_od", "stride_qm stride_os stride_ot stride_or"),
+    ("segsum", "dB"): ("stride_pr stride_qd stride_or", "stride_qm stride_os stride_ot"),
+}
+
+
+def _signature(kernel, dtype: str, use: tuple[str, str], constexprs: dict, aligned: bool) -> tuple[dict, dict]:
+    units, div16 = (set(v.split()) for v in _LAYOUTS[use])
+    sig = {}
+    for name in _ARGS[kernel].split():
+        if name.endswith("_ptr"):
+            fp32 = name in ("s_ptr", "h_ptr", "p_ptr", "out_ptr")
+            sig[name] = ("*fp32" if fp32 else "*i64" if name == "order_ptr"
+                         else "*i32" if name in ("sid_ptr", "seg_ptr", "rank_ptr") else f"*{dtype}")
+        elif name in units:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "i32:16" if aligned and name in div16 else "i32"
+    consts = {name: 1 for name in units}
+    consts.update(constexprs)
+    sig.update({c: "constexpr" for c in constexprs})
+    return sig, consts
+
 
 def shipped_configs():
-    """Yield (name, kernel, signature, constexprs, num_warps, num_stages, is_matrix) for every
-    kernel config the launchers can choose, per dtype. ``is_matrix``: an MMA kernel whose tile is
-    big enough for wgmma on sm_90 (BLOCK_M >= 64)."""
+    """Yield (name, kernel, signature, constexprs, num_warps, num_stages, is_mma) for every kernel
+    config the launchers can choose: per dtype, rank block (16: r <= 16, 64: r >= 64), with and
+    without per-task ranks, per regime and per use (forward, dx, dA, dB), for K, N multiples of 16
+    and for odd K, N (no divisibility hints). ``is_mma``: a tensor-core tile big enough for wgmma on
+    sm_90 (>= 64 rows, 16-bit inputs). Signatures follow tests/triton_aot.py's convention."""
     for dtype, tt in _TT.items():
         elem = torch.empty((), dtype=dtype).element_size()
         prec = _PRECISION[dtype]
-        ptr, f32p = f"*{tt}", "*fp32"
         for br in (16, 64):
             for has_ranks in (False, True):
-                sig = {"x_ptr": ptr, "a_ptr": ptr, "s_ptr": f32p, "h_ptr": f32p, "order_ptr": "*i64", "sid_ptr": "*i32",
-                       "rank_ptr": "*i32", "M": "i32", "K": "i32", "R": "i32", "stride_xm": "i64", "stride_xk": "i32",
-                       "stride_at": "i64", "stride_ar": "i32", "stride_ak": "i32", "stride_hm": "i32", "stride_hr": "i32"}
-                yield (f"shrink_bgmv_{tt}_r{br}_ranks{int(has_ranks)}", _shrink_bgmv_kernel, sig,
-                       {"HAS_RANKS": has_ranks, "BLOCK_K": _bgmv_block_k(elem), "BLOCK_R": br}, 4, 1, False)
-                sig = dict(sig)
-                sig = {**{k2: v for k2, v in sig.items() if k2 != "rank_ptr"}}
-                sig = {"x_ptr": ptr, "a_ptr": ptr, "s_ptr": f32p, "h_ptr": f32p, "order_ptr": "*i64", "sid_ptr": "*i32",
-                       "seg_ptr": "*i32", "rank_ptr": "*i32", "M": "i32", "K": "i32", "R": "i32", "stride_xm": "i64",
-                       "stride_xk": "i32", "stride_at": "i64", "stride_ar": "i32", "stride_ak": "i32", "stride_hm": "i32",
-                       "stride_hr": "i32"}
-                for m in (64, 4096):
-                    bm, bk, nw, ns = _shrink_tile(m, elem)
-                    yield (f"shrink_sgmv_{tt}_m{bm}_r{br}_ranks{int(has_ranks)}", _shrink_sgmv_kernel, sig,
-                           {"HAS_RANKS": has_ranks, "PRECISION": prec, "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": br},
-                           nw, ns, False)
-                sig = {"x_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "h_ptr": f32p, "b_ptr": ptr, "y_ptr": ptr,
-                       "order_ptr": "*i64", "sid_ptr": "*i32", "seg_ptr": "*i32", "rank_ptr": "*i32",
-                       "M": "i32", "N": "i32", "K": "i32", "R": "i32", "stride_xm": "i64", "stride_xk": "i32",
-                       "stride_wn": "i64", "stride_wk": "i32", "stride_hm": "i32", "stride_hr": "i32",
-                       "stride_bt": "i64", "stride_bn": "i32", "stride_br": "i32", "stride_ym": "i64", "stride_yn": "i32"}
-                for m in (1, 64, 4096):
-                    cfg = _fused_config(m, elem)
-                    yield (f"fused_{tt}_m{cfg.block_m}_r{br}_ranks{int(has_ranks)}", _fused_kernel, sig,
-                           {"HAS_BIAS": True, "HAS_RANKS": has_ranks, "PRECISION": prec, "BLOCK_M": cfg.block_m,
-                            "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "BLOCK_R": br, "GROUP_M": 8},
-                           cfg.num_warps, cfg.num_stages, cfg.block_m >= 64)
-                sig = {"p_ptr": f32p, "q_ptr": ptr, "out_ptr": f32p, "order_ptr": "*i64", "seg_ptr": "*i32",
-                       "rank_ptr": "*i32", "R": "i32", "D": "i32", "SPLIT": "i32", "stride_pm": "i32", "stride_pr": "i32",
-                       "stride_qm": "i64", "stride_qd": "i32", "stride_os": "i64", "stride_ot": "i64", "stride_or": "i32",
-                       "stride_od": "i32"}
-                bm, bd, nw, ns = _segsum_tile(elem)
-                yield (f"segsum_{tt}_r{br}_ranks{int(has_ranks)}", _segsum_kernel, sig,
-                       {"HAS_RANKS": has_ranks, "PRECISION": prec, "BLOCK_M": bm, "BLOCK_R": br, "BLOCK_D": bd},
-                       nw, ns, False)
+                for aligned in (True, False):
+                    if has_ranks and not aligned:
+                        continue
+                    tag = f"{tt}/r{br}/ranks{int(has_ranks)}/{'k16' if aligned else 'odd'}"
+                    for use in ("xA", "dyB"):
+                        sig, cx = _signature(_shrink_bgmv_kernel, tt, ("shrink", use),
+                                             {"HAS_RANKS": has_ranks, "BLOCK_K": _bgmv_block_k(br), "BLOCK_R": br}, aligned)
+                        yield f"shrink_bgmv/{use}/{tag}", _shrink_bgmv_kernel, sig, cx, 4, 1, False
+                        for m in (64, 4096):
+                            bm, bk, nw, ns = _shrink_tile(m, elem)
+                            sig, cx = _signature(_shrink_sgmv_kernel, tt, ("shrink", use),
+                                                 {"HAS_RANKS": has_ranks, "PRECISION": prec, "INTERPRET": False, "BLOCK_M": bm, "BLOCK_K": bk,
+                                                  "BLOCK_R": br}, aligned)
+                            yield f"shrink_sgmv/m{bm}/{use}/{tag}", _shrink_sgmv_kernel, sig, cx, nw, ns, False
+                    for use in ("fwd", "dx"):
+                        for m in (1, 64, 4096):
+                            cfg = _fused_config(m, elem)
+                            sig, cx = _signature(_fused_kernel, tt, ("fused", use),
+                                                 {"HAS_BIAS": use == "fwd", "HAS_RANKS": has_ranks, "PRECISION": prec,
+                                                  "INTERPRET": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+                                                  "BLOCK_R": br, "GROUP_M": 8}, aligned)
+                            yield (f"fused/m{cfg.block_m}/{use}/{tag}", _fused_kernel, sig, cx, cfg.num_warps,
+                                   cfg.num_stages, cfg.block_m >= 64 and elem == 2)
+                    for use in ("dA", "dB"):
+                        bm, bd, nw, ns = _segsum_tile(elem)
+                        sig, cx = _signature(_segsum_kernel, tt, ("segsum", use),
+                                             {"HAS_RANKS": has_ranks, "PRECISION": prec, "INTERPRET": False, "BLOCK_M": bm, "BLOCK_R": br,
+                                              "BLOCK_D": bd}, aligned)
+                        yield f"segsum/{use}/{tag}", _segsum_kernel, sig, cx, nw, ns, False

@@ -1,0 +1,290 @@
+"""Mixed-task LoRA linear on Triton (``lora_kernels/ops/triton/lora_linear_mixed.py``).
+
+On CPU the kernels run through the Triton interpreter (see conftest.py) against the float64
+reference; shapes are small because the interpreter runs every program in Python. The AOT tests
+compile every shipped config for sm_90 and sm_80 (tests/triton_aot.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels.ops import reference
+from lora_kernels.ops.routing import Routing
+
+from tests.utils import assert_close, poisoned
+
+mixed = pytest.importorskip("lora_kernels.ops.triton.lora_linear_mixed")
+pytestmark = pytest.mark.skipif(not lk.ops.available_backends()["triton"].available, reason="Triton cannot run here")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN: an element a kernel forgets is caught."""
+    monkeypatch.setattr(mixed, "_empty", lambda shape, *, dtype, device: poisoned(shape, dtype, device))
+
+
+def task_ids(dist: str, m: int, t: int, gen: torch.Generator) -> torch.Tensor:
+    """Task ids of ``m`` rows over ``t`` tasks, unsorted, for a named distribution."""
+    if dist == "identical":
+        return torch.full((m,), int(torch.randint(t, (1,), generator=gen)), dtype=torch.int64)
+    if dist == "uniform":
+        return torch.randint(t, (m,), generator=gen)
+    if dist == "zipf":  # P(task i) ~ 1 / (i + 1)^1.5
+        w = torch.tensor([1.0 / (i + 1) ** 1.5 for i in range(t)], dtype=torch.float64)
+        return torch.multinomial(w, m, replacement=True, generator=gen)
+    if dist == "distinct":  # every row its own task while tasks last
+        return torch.randperm(m, generator=gen) % t
+    if dist == "none":
+        return torch.full((m,), -1, dtype=torch.int64)
+    if dist == "random-1":
+        return torch.randint(-1, t, (m,), generator=gen)
+    raise ValueError(dist)
+
+
+def make_case(m, k, n, ranks, dtype, *, bias=True, seed=0, device="cpu"):
+    """Random inputs; the stacks are zero-padded to max(ranks), scales alpha / r per task."""
+    gen = torch.Generator().manual_seed(seed)
+    t, r = len(ranks), max(ranks)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    x = randn(m, k)
+    w = randn(n, k, scale=k ** -0.5)
+    b = randn(n) if bias else None
+    a = torch.zeros(t, r, k, dtype=dtype)
+    bb = torch.zeros(t, n, r, dtype=dtype)
+    for i, ri in enumerate(ranks):
+        a[i, :ri] = randn(ri, k, scale=k ** -0.5)
+        bb[i, :, :ri] = randn(n, ri, scale=ri ** -0.5)
+    scales = torch.tensor([16.0 / ri for ri in ranks], dtype=torch.float32)
+    return [v.to(device) if v is not None else None for v in (x, w, b, a, bb, scales)], gen
+
+
+def run_and_grads(fn, x, w, b, a, bb, scales, ids, dy, **kw):
+    leaves = [v.detach().clone().requires_grad_() if v is not None else None for v in (x, w, b, a, bb)]
+    y = fn(*leaves, scales, ids, **kw)
+    y.backward(dy)
+    return y.detach(), [v.grad if v is not None else None for v in leaves]
+
+
+def check_against_reference(args, ids, dtype, *, what="", **kw):
+    x, w, b, a, bb, scales = args
+    m = x.shape[0] if x.dim() == 2 else x.shape[:-1].numel()
+    gen = torch.Generator().manual_seed(1)
+    dy = torch.randn(*x.shape[:-1], w.shape[0], generator=gen, dtype=torch.float64).to(dtype).to(x.device)
+    y, grads = run_and_grads(mixed.lora_linear_mixed, x, w, b, a, bb, scales, ids, dy, **kw)
+    to64 = [v.double() if v is not None else None for v in (x, w, b, a, bb)]
+    ref_ids = ids.task_ids if isinstance(ids, Routing) else ids
+    y_ref, grads_ref = run_and_grads(reference.lora_linear_mixed, *to64, scales.double(), ref_ids, dy.double())
+    assert y.dtype == dtype and m == y.shape[:-1].numel()
+    assert_close(y, y_ref, dtype, f"{what} y")
+    for name, g, g_ref in zip(("dx", "dW", "db", "dA", "dB"), grads, grads_ref):
+        if g_ref is not None:
+            assert g is not None, f"{what} {name} missing"
+            assert_close(g, g_ref, dtype, f"{what} {name}")
+    return y, grads
+
+
+# ------------------------------------------------------------------------------------------------
+# Oracle: forward and backward vs float64, every distribution and dtype, both regimes
+# ------------------------------------------------------------------------------------------------
+
+# (distribution, M, T): M <= 64 takes the BGMV shrink, M = 150 with long segments the SGMV one.
+CASES = [("identical", 24, 3), ("uniform", 40, 4), ("zipf", 33, 8), ("distinct", 64, 64), ("none", 20, 3),
+         ("random-1", 37, 5), ("identical", 150, 1), ("uniform", 150, 3), ("random-1", 150, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dist,m,t", CASES, ids=[f"{d}-M{m}-T{t}" for d, m, t in CASES])
+def test_matches_reference(dist, m, t, dtype):
+    gen = torch.Generator().manual_seed(m * 100 + t)
+    ranks = [int(torch.randint(1, 9, (1,), generator=gen)) for _ in range(t)]  # differing ranks, padded
+    args, gen = make_case(m, 40, 24, ranks, dtype, seed=m + t)
+    ids = task_ids(dist, m, t, gen)
+    check_against_reference(args, ids, dtype, what=f"{dist}/{dtype}")
+
+
+@pytest.mark.parametrize("k,n,r", [(1, 17, 1), (17, 1, 3), (2049, 17, 5), (33, 20, 256)], ids=str)
+def test_odd_shapes_and_ranks(k, n, r):
+    dtype = torch.bfloat16
+    m = 6 if k > 1000 else 19
+    args, gen = make_case(m, k, n, [r, max(1, r // 2)], dtype, seed=k + n)
+    ids = task_ids("random-1", m, 2, gen)
+    check_against_reference(args, ids, dtype, what=f"K{k} N{n} r{r}")
+
+
+def test_no_bias_and_frozen_base():
+    """dW / db are not computed when the base does not require grad; bias=None works."""
+    dtype = torch.float32
+    (x, w, _, a, bb, scales), gen = make_case(20, 24, 16, [4, 2], dtype, bias=False)
+    ids = task_ids("random-1", 20, 2, gen)
+    check_against_reference((x, w, None, a, bb, scales), ids, dtype, what="no bias")
+    x = x.clone().requires_grad_()
+    a, bb = a.clone().requires_grad_(), bb.clone().requires_grad_()
+    y = mixed.lora_linear_mixed(x, w, None, a, bb, scales, ids)
+    y.sum().backward()
+    assert w.grad is None and a.grad is not None and x.grad is not None
+
+
+def test_split_segment_reduction_is_deterministic():
+    """M > SEGSUM_SPLIT_ROWS splits each task's rows into fixed chunks: still exact and bitwise repeatable."""
+    dtype = torch.float32
+    m = mixed.SEGSUM_SPLIT_ROWS + 80
+    args, gen = make_case(m, 8, 8, [3, 2], dtype, seed=3)
+    ids = task_ids("random-1", m, 2, gen)
+    y1, g1 = check_against_reference(args, ids, dtype, what="split")
+    dy = torch.randn(m, 8, generator=gen).to(dtype)
+    _, g2 = run_and_grads(mixed.lora_linear_mixed, *args, ids, dy)
+    _, g3 = run_and_grads(mixed.lora_linear_mixed, *args, ids, dy)
+    for u, v in zip(g2, g3):
+        assert torch.equal(u, v)
+
+
+# ------------------------------------------------------------------------------------------------
+# Semantics: -1 rows, routing objects, per-sample ids, layouts, per-task ranks
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [30, 150], ids=["bgmv", "sgmv"])
+def test_untasked_rows_are_exactly_the_base(m):
+    """Rows with id -1 equal, bit for bit, what the same op computes with no task in the batch."""
+    dtype = torch.bfloat16
+    (x, w, b, a, bb, scales), gen = make_case(m, 40, 24, [4, 8, 2], dtype, seed=m)
+    ids = task_ids("random-1", m, 3, gen)
+    y = mixed.lora_linear_mixed(x, w, b, a, bb, scales, ids)
+    y_base = mixed.lora_linear_mixed(x, w, b, a, bb, scales, torch.full_like(ids, -1))
+    rows = ids < 0
+    assert rows.any() and torch.equal(y[rows], y_base[rows])
+    assert not torch.equal(y[~rows], y_base[~rows])
+
+
+def test_routing_and_ids_agree_and_metadata_is_cached():
+    dtype = torch.float32
+    (x, w, b, a, bb, scales), gen = make_case(40, 24, 16, [4, 4, 4, 4], dtype)
+    ids = task_ids("random-1", 40, 4, gen)
+    routing = Routing(ids, 4)
+    y_ids = mixed.lora_linear_mixed(x, w, b, a, bb, scales, ids)
+    y_routing = mixed.lora_linear_mixed(x, w, b, a, bb, scales, routing)
+    assert torch.equal(y_ids, y_routing)
+    meta = mixed.batch_metadata(routing, x.device)
+    assert meta is mixed.batch_metadata(routing, x.device)  # built once per batch
+    # The traceable builder (used under torch.compile) gives the same metadata.
+    traced = mixed._metadata_from_ids(ids, 4)
+    for u, v in zip(meta, traced):
+        assert torch.equal(u, v)
+    # Also through the dispatcher.
+    with lk.ops.use_backend("triton"):
+        assert torch.equal(lk.ops.lora_linear_mixed(x, w, b, a, bb, scales, routing), y_routing)
+
+
+def test_per_sample_ids_on_3d_input():
+    """x [B, S, K] with one id per sample (Routing or tensor) = the flattened rows with expanded ids."""
+    dtype = torch.float16
+    bsz, s = 5, 7
+    (x, w, b, a, bb, scales), gen = make_case(bsz * s, 24, 16, [3, 5], dtype, seed=7)
+    x3 = x.view(bsz, s, 24)
+    ids = torch.tensor([1, -1, 0, 1, 1])
+    y_flat = mixed.lora_linear_mixed(x, w, b, a, bb, scales, ids.repeat_interleave(s))
+    for given in (ids, Routing(ids, 2)):
+        y3 = mixed.lora_linear_mixed(x3, w, b, a, bb, scales, given)
+        assert y3.shape == (bsz, s, 16) and torch.equal(y3.reshape(-1, 16), y_flat)
+    check_against_reference((x3, w, b, a, bb, scales), Routing(ids, 2), dtype, what="[B,S,K]")
+
+
+def test_non_contiguous_inputs():
+    """Transposed / strided views go through the strides (no silent copies needed) and match."""
+    dtype = torch.float32
+    (x, w, b, a, bb, scales), gen = make_case(21, 24, 18, [4, 6], dtype, seed=5)
+    xt = x.t().contiguous().t()            # [M, K] with stride (1, M)
+    wt = w.t().contiguous().t()            # [N, K] column-major
+    at = a.transpose(1, 2).contiguous().transpose(1, 2)
+    bt = bb.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    assert not (xt.is_contiguous() or wt.is_contiguous() or at.is_contiguous() or bt.is_contiguous())
+    ids = task_ids("random-1", 21, 2, gen)
+    check_against_reference((xt, wt, b, at, bt, scales), ids, dtype, what="strided")
+
+
+def test_per_task_ranks_skip_padding():
+    """``ranks`` bounds every r loop by the task's rank: same result as the zero-padded stacks."""
+    dtype = torch.float32
+    ranks = [2, 70, 1]  # 70 > BLOCK_R: several rank blocks for one task, one for the others
+    for m in (30, 150):
+        args, gen = make_case(m, 24, 16, ranks, dtype, seed=m)
+        ids = task_ids("random-1", m, 3, gen)
+        check_against_reference(args, ids, dtype, what=f"ranks M{m}", ranks=torch.tensor(ranks))
+
+
+def test_errors():
+    (x, w, b, a, bb, scales), gen = make_case(8, 16, 8, [2, 2], torch.float32)
+    with pytest.raises(TypeError, match="float32, float16, bfloat16"):
+        mixed.lora_linear_mixed(x.double(), w.double(), b.double(), a.double(), bb.double(), scales, torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="out of range"):
+        mixed.lora_linear_mixed(x, w, b, a, bb, scales, torch.full((8,), 2))
+    with pytest.raises(ValueError, match="ranks"):
+        mixed.lora_linear_mixed(x, w, b, a, bb, scales, torch.zeros(8, dtype=torch.long), ranks=torch.tensor([1]))
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library: opcheck and torch.compile
+# ------------------------------------------------------------------------------------------------
+
+
+def test_opcheck():
+    dtype = torch.float32
+    (x, w, b, a, bb, scales), gen = make_case(12, 16, 8, [3, 2], dtype)
+    ids = task_ids("random-1", 12, 2, gen)
+    meta = mixed._metadata_from_ids(ids, 2)
+    leaves = [v.clone().requires_grad_() for v in (x, w, b, a, bb)]
+    args = (*leaves, scales, None, meta.order, meta.sorted_ids, meta.seg_off, True)
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear_mixed.default, args)
+    bwd = (torch.randn(12, 8), x, w, a, bb, scales, torch.tensor([3, 2], dtype=torch.int32),
+           torch.zeros(12, 3), meta.order, meta.sorted_ids, meta.seg_off, False, True, True)
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear_mixed_backward.default, bwd)
+
+
+def test_torch_compile_fullgraph():
+    """The op traces with raw ids (sort + search on the device, no host sync) and trains."""
+    dtype = torch.float32
+    (x, w, b, a, bb, scales), gen = make_case(20, 16, 8, [3, 2, 4], dtype)
+    ids = task_ids("random-1", 20, 3, gen)
+
+    def f(x, w, b, a, bb, scales, ids):
+        return mixed.lora_linear_mixed(x, w, b, a, bb, scales, ids).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)
+    eager_leaves = [v.clone().requires_grad_() for v in (x, w, b, a, bb)]
+    comp_leaves = [v.clone().requires_grad_() for v in (x, w, b, a, bb)]
+    loss = f(*eager_leaves, scales, ids)
+    loss.backward()
+    loss_c = compiled(*comp_leaves, scales, ids)
+    loss_c.backward()
+    assert_close(loss_c, loss.double(), dtype, "compiled loss")
+    for u, v in zip(comp_leaves, eager_leaves):
+        assert_close(u.grad, v.grad.double(), dtype, "compiled grad")
+
+
+# ------------------------------------------------------------------------------------------------
+# AOT: every shipped config compiles for Hopper and Ampere, fits shared memory, does not spill
+# ------------------------------------------------------------------------------------------------
+
+CONFIGS = list(mixed.shipped_configs())
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_aot_compile(cfg, arch):
+    aot = pytest.importorskip("tests.triton_aot")
+    name, kernel, sig, consts, num_warps, num_stages, is_mma = cfg
+    res = aot.aot_compile(kernel, sig, consts, arch=arch, num_warps=num_warps, num_stages=num_stages)
+    assert res.shared_bytes <= aot.SMEM_LIMIT[arch], f"{name}: {res.shared_bytes} B of shared memory > sm_{arch}'s limit"
+    assert res.spills == 0, f"{name}: {res.spills} B of register spills on sm_{arch} ({res.registers} registers)"
+    if arch == 90 and is_mma:
+        assert res.has_wgmma, f"{name}: no wgmma on sm_90"
