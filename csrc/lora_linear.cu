@@ -42,6 +42,11 @@
 
 #include "lora_kernels.cuh"
 
+// A launch; tests/cuda_emu defines its own to run the kernels on the host.
+#ifndef LK_LAUNCH
+#define LK_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#endif
+
 namespace lora_kernels {
 namespace {
 
@@ -78,6 +83,8 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4], uint32_t a0, uin
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#elif defined(LK_EMULATE_MMA)  // tests/cuda_emu: the kernels run on the host, MMA emulated per PTX layout
+  LK_EMULATE_MMA(d, a0, a1, a2, a3, b0, b1, __half);
 #else
   __trap();  // the host never picks the MMA path below sm_80
 #endif
@@ -89,6 +96,8 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], uint32_t 
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#elif defined(LK_EMULATE_MMA)
+  LK_EMULATE_MMA(d, a0, a1, a2, a3, b0, b1, __nv_bfloat16);
 #else
   __trap();
 #endif
@@ -222,15 +231,23 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
         }
       }
     }
+    // Sum the 128 per-lane partials over the 32 lanes: 4 rounds of a 32x32 transpose through
+    // shared memory (row stride 33: conflict-free both ways), 64 shared accesses per lane
+    // instead of 640 shuffles.
+    __shared__ float scratch[kWarps][32][33];
+    float* sc = &scratch[warp][0][0];
 #pragma unroll
-    for (int c = 0; c < kCols; ++c)
+    for (int round = 0; round < kCols * 8 / 32; ++round) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        float v = acc[c][i];
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == ((c * 8 + i) & 31)) red[i * kCols + c] = v;  // spread the stores over lanes
-      }
+      for (int j = 0; j < 32; ++j) sc[lane * 33 + j] = acc[(round * 32 + j) / 8][(round * 32 + j) % 8];
+      __syncwarp();
+      float v = 0.f;
+#pragma unroll 8
+      for (int l = 0; l < 32; ++l) v += sc[l * 33 + lane];
+      const int o = round * 32 + lane;  // o = c * 8 + i
+      red[(o % 8) * kCols + o / 8] = v;
+      __syncwarp();
+    }
   }
   __syncthreads();
 
@@ -334,7 +351,7 @@ cudaError_t launch(const Params& p0, unsigned gx, unsigned gy, int64_t gz, cudaS
     Params p = p0;
     p.z_offset = off;
     const unsigned z = static_cast<unsigned>(gz - off < 65535 ? gz - off : 65535);
-    skinny_kernel<T, MT, MMA, SHRINK><<<dim3(gx, gy, z), kThreads, 0, stream>>>(p);
+    LK_LAUNCH((skinny_kernel<T, MT, MMA, SHRINK>), dim3(gx, gy, z), kThreads, stream, p);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

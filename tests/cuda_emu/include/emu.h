@@ -1,0 +1,243 @@
+// A host emulator of the few CUDA features csrc/*.cu uses, so that the kernels run (slowly) on a
+// machine without a GPU: each block runs as 256 fibers (ucontext) on one OS thread, switched only
+// at barriers (__syncthreads, __syncwarp, the warp-collective shuffle and MMA), so a block costs
+// no OS scheduling; `static` stands for __shared__ (blocks run one at a time); mma.sync.m16n8k16
+// is computed from the fragment layout in the PTX ISA ("Matrix Fragments for mma.m16n8k16 with
+// floating point type"), written independently of the kernel.
+// The fake cuda_runtime.h / cuda_fp16.h / cuda_bf16.h beside it include this file.
+#pragma once
+
+#include <math.h>
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct uint3 { unsigned x, y, z; };
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+typedef int cudaError_t;
+enum { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+typedef void* cudaStream_t;
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+
+struct __half { uint16_t bits; };
+struct __nv_bfloat16 { uint16_t bits; };
+
+inline float __bfloat162float(__nv_bfloat16 h) {
+  uint32_t u = static_cast<uint32_t>(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((u >> 16) | 0x40)};  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return {static_cast<uint16_t>(u >> 16)};
+}
+inline float __half2float(__half h) {
+  const uint32_t s = (h.bits & 0x8000u) << 16, e = (h.bits >> 10) & 0x1f, m = h.bits & 0x3ff;
+  float f;
+  if (e == 0) {
+    f = ldexpf(static_cast<float>(m), -24);
+    return s ? -f : f;
+  }
+  uint32_t u = e == 31 ? (s | 0x7f800000u | (m << 13)) : (s | ((e + 112) << 23) | (m << 13));
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __half __float2half_rn(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t s = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const float a = fabsf(f);
+  if (a != a) return {static_cast<uint16_t>(s | 0x7e00)};
+  if (a >= 65520.f) return {static_cast<uint16_t>(s | 0x7c00)};
+  if (a < ldexpf(1.f, -14)) {  // subnormal: multiples of 2^-24, nearbyint rounds to even
+    return {static_cast<uint16_t>(s | static_cast<uint16_t>(nearbyintf(a * ldexpf(1.f, 24))))};
+  }
+  int ex;
+  const float mant = frexpf(a, &ex);  // a = mant * 2^ex, mant in [0.5, 1)
+  float q = nearbyintf(mant * 2048.f);  // 11 significant bits
+  if (q >= 2048.f) { q /= 2.f; ex += 1; }
+  const uint32_t e = static_cast<uint32_t>(ex - 1 + 15);
+  if (e >= 31) return {static_cast<uint16_t>(s | 0x7c00)};
+  return {static_cast<uint16_t>(s | (e << 10) | (static_cast<uint32_t>(q) - 1024))};
+}
+
+inline uint3 threadIdx;  // set by the scheduler before it resumes a fiber
+inline uint3 blockIdx;
+
+using std::max;
+using std::min;
+
+namespace emu {
+constexpr int kThreads = 256;
+constexpr size_t kStack = 64 * 1024;
+
+struct Fiber {
+  ucontext_t ctx;
+  bool done;
+  const int* wait_gen;  // waiting until *wait_gen != gen
+  int gen;
+};
+struct Block {
+  ucontext_t sched;
+  Fiber fibers[kThreads];
+  int cur = 0;
+  int count = 0, gen = 0;                            // block barrier
+  int wcount[kThreads / 32] = {}, wgen[kThreads / 32] = {};  // warp barriers
+  float shfl[kThreads / 32][32];
+  uint32_t mma_a[kThreads / 32][32][4];
+  uint32_t mma_b[kThreads / 32][32][2];
+  int orv = 0;
+};
+inline Block* g_block = nullptr;
+inline const std::function<void()>* g_body = nullptr;
+
+inline void fiber_entry() {
+  (*g_body)();
+  g_block->fibers[g_block->cur].done = true;  // returning resumes the scheduler (uc_link)
+}
+
+// Arrive; wait (yielding to the scheduler) until all n have arrived.
+inline void barrier(int& count, int& gen, int n) {
+  Block& bk = *g_block;
+  const int g = gen;
+  if (++count == n) {
+    count = 0;
+    ++gen;
+    return;
+  }
+  Fiber& f = bk.fibers[bk.cur];
+  f.wait_gen = &gen;
+  f.gen = g;
+  swapcontext(&f.ctx, &bk.sched);
+}
+inline void block_barrier() { barrier(g_block->count, g_block->gen, kThreads); }
+inline void warp_barrier() {
+  const int w = threadIdx.x >> 5;
+  barrier(g_block->wcount[w], g_block->wgen[w], 32);
+}
+
+inline void launch(const std::function<void()>& body, dim3 grid, int threads) {
+  if (threads != kThreads) std::abort();
+  static std::vector<char> stacks(kThreads * kStack);
+  g_body = &body;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        Block* bk = new Block();
+        g_block = bk;
+        blockIdx = {x, y, z};
+        for (int t = 0; t < kThreads; ++t) {
+          Fiber& f = bk->fibers[t];
+          f.done = false;
+          f.wait_gen = nullptr;
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = stacks.data() + t * kStack;
+          f.ctx.uc_stack.ss_size = kStack;
+          f.ctx.uc_link = &bk->sched;
+          makecontext(&f.ctx, fiber_entry, 0);
+        }
+        int left = kThreads;
+        while (left > 0) {
+          bool ran = false;
+          for (int t = 0; t < kThreads; ++t) {
+            Fiber& f = bk->fibers[t];
+            if (f.done || (f.wait_gen != nullptr && *f.wait_gen == f.gen)) continue;
+            f.wait_gen = nullptr;
+            bk->cur = t;
+            threadIdx = {static_cast<unsigned>(t), 0, 0};
+            swapcontext(&bk->sched, &f.ctx);
+            ran = true;
+            if (f.done) --left;
+          }
+          if (!ran) std::abort();  // deadlock: a barrier that not every thread reaches
+        }
+        delete bk;
+      }
+}
+
+template <class T> inline float tof(uint16_t bits) { return __half2float(__half{bits}); }
+template <> inline float tof<__nv_bfloat16>(uint16_t bits) { return __bfloat162float(__nv_bfloat16{bits}); }
+
+// d += A(16x16) B(16x8) for the warp; every lane passes its fragment registers.
+template <class T>
+void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  Block& bk = *g_block;
+  bk.mma_a[warp][lane][0] = a0; bk.mma_a[warp][lane][1] = a1; bk.mma_a[warp][lane][2] = a2; bk.mma_a[warp][lane][3] = a3;
+  bk.mma_b[warp][lane][0] = b0; bk.mma_b[warp][lane][1] = b1;
+  warp_barrier();
+  auto half = [](uint32_t reg, int hi) { return static_cast<uint16_t>(hi ? reg >> 16 : reg & 0xffffu); };
+  // PTX: A element a_i of lane (g, t): row g for i in {0,1,4,5}, g+8 otherwise; col 2t + (i&1) (+8 for i >= 4);
+  // register j holds a_{2j} (low half) and a_{2j+1}. B element b_i: row 2t + (i&1) (+8 for i >= 2), col g.
+  auto A = [&](int row, int k) {
+    const int t = (k & 7) >> 1, reg = (k < 8 ? 0 : 2) + (row >= 8 ? 1 : 0);
+    return tof<T>(half(bk.mma_a[warp][(row & 7) * 4 + t][reg], k & 1));
+  };
+  auto B = [&](int k, int col) {
+    const int t = (k & 7) >> 1, reg = k < 8 ? 0 : 1;
+    return tof<T>(half(bk.mma_b[warp][col * 4 + t][reg], k & 1));
+  };
+  const int g = lane >> 2, t = lane & 3;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {  // C: c0,c1 row g, c2,c3 row g+8; col 2t + (i&1)
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    float s = 0.f;
+    for (int k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
+    out[i] = s;
+  }
+  warp_barrier();
+  for (int i = 0; i < 4; ++i) d[i] += out[i];
+}
+}  // namespace emu
+
+inline void __syncthreads() { emu::block_barrier(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_barrier(); }
+inline int __syncthreads_or(int pred) {
+  emu::Block& bk = *emu::g_block;
+  emu::block_barrier();
+  if (pred) bk.orv = 1;
+  emu::block_barrier();
+  const int r = bk.orv;
+  emu::block_barrier();
+  if (threadIdx.x == 0) bk.orv = 0;
+  emu::block_barrier();
+  return r;
+}
+inline float __shfl_xor_sync(unsigned, float v, int off) {
+  emu::Block& bk = *emu::g_block;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  bk.shfl[warp][lane] = v;
+  emu::warp_barrier();
+  const float r = bk.shfl[warp][lane ^ off];
+  emu::warp_barrier();
+  return r;
+}
+template <class T> inline T __ldg(const T* p) { return *p; }
+[[noreturn]] inline void __trap() { std::abort(); }
+
+#define LK_EMULATE_MMA(d, a0, a1, a2, a3, b0, b1, T) ::emu::mma<T>(d, a0, a1, a2, a3, b0, b1)
+#define LK_LAUNCH(kernel, grid, block, stream, ...) ::emu::launch([&] { kernel(__VA_ARGS__); }, grid, block)

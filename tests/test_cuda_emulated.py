@@ -1,0 +1,167 @@
+"""The CUDA kernels of csrc/lora_linear.cu run on the CPU through a host emulator (no GPU needed).
+
+tests/cuda_emu/include/ holds stand-ins for cuda_runtime.h / cuda_fp16.h / cuda_bf16.h: a block
+runs as 256 fibers on one thread, switched at barriers (__syncthreads, warp collectives;
+`static` for __shared__), and mma.sync.m16n8k16 is computed from the PTX fragment layout. The
+same kernel source as the GPU build is compiled with g++ (tests/cuda_emu/harness.cpp), so this
+checks the kernels' indexing, tiling, K splits, tails, the tensor-core fragment mapping, the
+expand epilogue, -1 rows and the mixed-task tiles against the float64 reference, with poisoned
+outputs and a NaN-poisoned workspace. What it cannot check: speed, races that only real
+concurrency shows, and the torch bindings (tests/test_cuda_ext.py covers those on a GPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_kernels.ops import cuda, reference
+from lora_kernels.ops.routing import Routing
+from tests.utils import assert_close, poisoned
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = ROOT / "tests" / "cuda_emu"
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    so = tmp_path_factory.mktemp("emu") / "emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{EMU / 'include'}", f"-I{ROOT / 'csrc'}",
+           str(EMU / "harness.cpp"), "-o", str(so)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"the emulation harness does not compile:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}"
+    lib = ctypes.CDLL(str(so))
+    lib.emu_forward.restype = ctypes.c_int
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.emu_forward.argtypes = [i32, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, i64, i32, p, f32, i32, i32, i32]
+    return lib
+
+
+def _ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def run(lib, x, w, bias, a, b, *, scale=1.0, scales=None, routing=None, allow_mma=True, accumulate=False, y=None,
+        num_sms=132):
+    """One forward through the emulated kernels; returns (y, info code from the harness)."""
+    m, k = x.shape
+    n = w.shape[0]
+    r = a.shape[-2]
+    if y is None:
+        y = poisoned((m, n), x.dtype, "cpu")
+    tiles = order = ids = None
+    num_tiles, tt = 0, 0
+    if routing is not None:
+        tiles, tt = cuda.tiles_of(routing, "cpu")
+        order, ids, num_tiles = routing.order, routing.task_ids, tiles.shape[0]
+    info = lib.emu_forward(CODES[x.dtype], _ptr(x), _ptr(w), _ptr(bias), _ptr(a), _ptr(b), _ptr(y), m, n, k, r,
+                           _ptr(ids), _ptr(order), _ptr(tiles), num_tiles, tt, _ptr(scales), float(scale),
+                           int(allow_mma), int(accumulate), num_sms)
+    assert info >= 0
+    return y, info
+
+
+def _inputs(m, k, n, r, dtype, t=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lead = () if t is None else (t,)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    a = (torch.randn(*lead, r, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(*lead, n, r, generator=g).to(dtype)
+    return x, w, bias, a, b
+
+
+SINGLE = [  # (M, K, N, r): tails in every dim, r over the 64-wide expand chunk, several K splits
+    (1, 64, 48, 1), (3, 72, 40, 16), (8, 264, 33, 8), (13, 40, 24, 70), (17, 600, 20, 5), (40, 96, 18, 3),
+    (64, 256, 17, 2), (5, 37, 19, 4),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m,k,n,r", SINGLE)
+def test_single_task(emu, m, k, n, r, dtype):
+    x, w, bias, a, b = _inputs(m, k, n, r, dtype)
+    y, info = run(emu, x, w, bias, a, b, scale=0.75)
+    if dtype != torch.float32 and k % 8 == 0:
+        assert info % 1000 == 110, f"expected the tensor-core path, harness says {info}"
+    ref = reference.lora_linear(x.double(), w.double(), bias.double(), a.double(), b.double(), 0.75)
+    assert_close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("num_sms", [1, 8, 132])
+def test_k_splits_and_no_bias(emu, num_sms):
+    dtype = torch.bfloat16
+    x, w, _, a, b = _inputs(4, 1032, 30, 16, dtype, seed=2)
+    y, info = run(emu, x, w, None, a, b, scale=2.0, num_sms=num_sms)
+    if num_sms == 132:
+        assert info // 1000 > 1, "expected a split shrink"
+    assert_close(y, reference.lora_linear(x.double(), w.double(), None, a.double(), b.double(), 2.0), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_misaligned_rows_take_the_scalar_path(emu, dtype):
+    m, k, n, r = 3, 64, 24, 4
+    x, w, bias, a, b = _inputs(m, k, n, r, dtype)
+    xs = torch.empty(m * k + 1, dtype=dtype)[1:].view(m, k)  # 2-byte aligned only
+    xs.copy_(x)
+    y, info = run(emu, xs, w, bias, a, b, scale=1.0)
+    assert info % 1000 == 0, f"misaligned x must not take the 16-byte path, harness says {info}"
+    assert_close(y, reference.lora_linear(x.double(), w.double(), bias.double(), a.double(), b.double(), 1.0), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_expand_only_accumulates_into_base(emu, dtype):
+    """Prefill (M > 64): y holds x·Wᵀ + b (cuBLAS on the GPU); the kernel adds the LoRA term only."""
+    m, k, n, r = 70, 48, 20, 6
+    x, w, bias, a, b = _inputs(m, k, n, r, dtype)
+    base = torch.nn.functional.linear(x, w, bias)
+    y, _ = run(emu, x, w, bias, a, b, scale=0.5, accumulate=True, y=base.clone())
+    assert_close(y, reference.lora_linear(x.double(), w.double(), bias.double(), a.double(), b.double(), 0.5), dtype)
+
+
+def _ids(kind, m, t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"same": torch.full((m,), t - 1), "distinct": torch.arange(m) % t, "none": torch.full((m,), -1),
+            "random": torch.randint(-1, t, (m,), generator=g)}[kind].long()
+
+
+MIXED = [(1, 64, 40, 4, 1), (6, 72, 33, 8, 3), (20, 40, 17, 70, 4), (64, 96, 24, 3, 64), (37, 37, 18, 5, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["same", "distinct", "random", "none"])
+@pytest.mark.parametrize("m,k,n,r,t", MIXED)
+def test_mixed_tasks(emu, m, k, n, r, t, kind, dtype):
+    x, w, bias, a, b = _inputs(m, k, n, r, dtype, t=t)
+    scales = torch.rand(t, generator=torch.Generator().manual_seed(1)) + 0.5
+    ids = _ids(kind, m, t)
+    routing = Routing(ids, t)
+    y, _ = run(emu, x, w, bias, a, b, scales=scales, routing=routing)
+    ref = reference.lora_linear_mixed(x.double(), w.double(), bias.double(), a.double(), b.double(), scales.double(), ids)
+    assert_close(y, ref, dtype)
+    base, _ = run(emu, x, w, bias, a, b, scales=scales, routing=Routing(torch.full_like(ids, -1), t))
+    none = ids < 0
+    assert torch.equal(y[none], base[none]), "-1 rows must be exactly the base output"
+
+
+def test_mixed_expand_only(emu):
+    dtype = torch.bfloat16
+    m, t = 80, 5
+    x, w, bias, a, b = _inputs(m, 40, 24, 8, dtype, t=t)
+    scales = torch.rand(t) + 0.5
+    ids = _ids("random", m, t, seed=3)
+    base = torch.nn.functional.linear(x, w, bias)
+    y, _ = run(emu, x, w, bias, a, b, scales=scales, routing=Routing(ids, t), accumulate=True, y=base.clone())
+    ref = reference.lora_linear_mixed(x.double(), w.double(), bias.double(), a.double(), b.double(), scales.double(), ids)
+    assert_close(y, ref, dtype)
+    assert torch.equal(y[ids < 0], base[ids < 0]), "-1 rows must keep the base output bit for bit"
