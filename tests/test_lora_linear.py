@@ -300,3 +300,18 @@ def test_torch_compile_fullgraph(device):
     step(x, w, b, a, bb).backward()
     assert_close(ga, a.grad.double(), torch.float32, "compiled dA")
     assert_close(gbb, bb.grad.double(), torch.float32, "compiled dB")
+
+
+def test_torch_compile_fullgraph_with_dropout(device):
+    """The per-call seed (torch.randint on the CPU generator) traces into the graph: no break."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    x, w, b, a, bb = make(8, 16, 12, 4, torch.float32, device)
+    bb.requires_grad_(True)
+    compiled = torch.compile(lambda x, bb: tl_mod.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.5), fullgraph=True,
+                             backend="aot_eager")
+    y1, y2 = compiled(x, bb), compiled(x, bb)
+    assert not torch.equal(y1, y2)  # a fresh mask per call, also when compiled
+    y1.sum().backward()
+    assert torch.isfinite(bb.grad).all()

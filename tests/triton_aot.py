@@ -76,7 +76,15 @@ def _compile_here(kernel, signature: dict, constexprs: dict, arch: int, num_warp
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(kernel, dict(signature), dict(constexprs))
+    sig, attrs = {}, {}
+    for i, (name, ty) in enumerate(signature.items()):
+        ty, _, hint = ty.partition(":")
+        sig[name] = ty
+        # What the JIT does for torch tensors (base pointers 16-byte aligned) and for ints passed
+        # with a ":16" suffix (values divisible by 16): tt.divisibility lets loads vectorize.
+        if ty.startswith("*") or hint == "16":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(kernel, sig, dict(constexprs), attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
@@ -160,8 +168,12 @@ def aot_compile(kernel, signature: dict[str, str], constexprs: dict[str, object]
                 num_stages: int) -> AotResult:
     """Compile ``kernel`` for ``GPUTarget("cuda", arch, 32)`` and report its resource use.
 
-    ``signature`` maps every argument name to a Triton type (``"*fp16"``, ``"i32"``, ``"i64"``,
-    ``"fp32"``, or ``"constexpr"``); ``constexprs`` gives the values of the constexpr arguments.
+    ``signature`` maps every argument name, in the kernel's order, to a Triton type (``"*fp16"``,
+    ``"i32"``, ``"i64"``, ``"fp32"``, or ``"constexpr"``); an int type may carry a ``":16"`` suffix
+    (``"i32:16"``) to say the value is divisible by 16, as the JIT specializes it at launch.
+    Pointers are taken as 16-byte aligned (torch's allocator guarantees far more), as the JIT does.
+    ``constexprs`` gives the values of the constexpr arguments (an int arg the JIT would see as 1,
+    e.g. a unit stride, is passed as ``"constexpr"`` with value 1).
     Raises ``RuntimeError`` with the compiler's message when the kernel does not compile.
     """
     global _worker

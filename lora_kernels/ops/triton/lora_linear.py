@@ -40,7 +40,7 @@ memory-bound, "decode", and larger M is compute-bound, "prefill"):
   use ``input_precision="ieee"`` (no tf32), matching torch's default matmul precision.
 * **Rank padding:** the rank is padded to ``BR = max(16, next_pow2(r))`` inside the kernels, with
   masked loads (zeros beyond r), so every ``tl.dot`` has dims >= 16 as the GPU requires. The
-  expand of a precomputed h loops over rank chunks of at most 64 (keeps registers bounded at
+  expand of a precomputed h loops over rank chunks of 32 (16 for fp32; keeps registers bounded at
   r = 256).
 * **Dropout** (on the LoRA input only) is a philox mask ``tl.rand(seed, m*K + k) >= p`` over the
   element index of x (int64), regenerated wherever needed (forward shrink, backward shrink, the
@@ -298,7 +298,7 @@ def _dropout_kernel(
 class Config:
     BM: int
     BN: int
-    BK: int  # for 16-bit inputs; halved for fp32 so the shared-memory footprint stays the same
+    BK: int  # for 16-bit inputs with 16-aligned strides; see _bk for fp32 and odd strides
     num_warps: int
     num_stages: int
     GROUP_M: int = 1
@@ -326,11 +326,17 @@ FUSED_CONFIGS = {
 SHRINK_CONFIGS = {
     "r_le_64": Config(BM=64, BN=0, BK=64, num_warps=4, num_stages=3),
     "r_gt_64": Config(BM=64, BN=0, BK=64, num_warps=8, num_stages=3),
+    # fp32 ("ieee" dot on FMA units, operands in registers): BM = 64 spilled 28-388 B at r >= 64
+    # in ptxas -v; 32 rows over 8 warps fit every rank up to 256 (<= 216 registers).
+    "fp32": Config(BM=32, BN=0, BK=64, num_warps=8, num_stages=3),
 }
 # Rank chunk of the expand loop when h is precomputed: a [BM, 32] fp32 chunk of h plus its hi/lo
-# halves; at 64 the 128x128 prefill tile spilled 48 B on sm_80.
+# halves; at 64 the 128x128 prefill tile spilled 48 B on sm_80. fp32 inputs use 16: their
+# "ieee" dot runs on FMA units with both operand chunks in registers (32 spilled 16-48 B).
 EXPAND_CHUNK = 32
+EXPAND_CHUNK_FP32 = 16
 IN_TILE_MAX_RANK = 64
+IN_TILE_MAX_RANK_FP32 = 16  # an fp32 [64, 64] h accumulator next to the FMA tile spilled 1.4 KB
 DECODE_M = 128
 _NUM_SMS = 132  # H200; only used to size the shrink's split-K, any GPU gets a correct result
 
@@ -340,27 +346,40 @@ def _pad_rank(r: int) -> int:
 
 
 def _bk(cfg: Config, elem: int, aligned: bool = True) -> int:
-    """K step: the table's for 16-bit, halved for fp32 (same bytes) and halved again when the row
-    strides are not multiples of 16 elements (K = 2049): the loads cannot vectorize, every element
-    needs its own address register, and the full step spilled (ptxas -v) in the 64- and 128-row
-    tiles."""
-    bk = cfg.BK if elem <= 2 else cfg.BK // 2
+    """K step: the table's for 16-bit; a quarter for fp32, whose "ieee" dot runs on FMA units with
+    the [BM, BK] and [BK, BN] operands in registers (BK / 2 still spilled 8-992 B in ptxas -v);
+    halved again when the row strides are not multiples of 16 elements (K = 2049): the loads
+    cannot vectorize, every element needs its own address register, and the full step spilled in
+    the 64- and 128-row tiles."""
+    bk = cfg.BK if elem <= 2 else max(16, cfg.BK // 4)
     return bk if aligned else max(16, bk // 2)
 
 
+def _expand_chunk(elem: int) -> int:
+    return EXPAND_CHUNK if elem <= 2 else EXPAND_CHUNK_FP32
+
+
 def _aligned(*strides: int) -> bool:
-    return all(st % 16 == 0 for st in strides)
+    """Unit or multiple-of-16 strides: what the JIT's divisibility hints need to vectorize loads."""
+    return all(st == 1 or st % 16 == 0 for st in strides)
 
 
-def _fused_regime(m: int) -> str:
+def _fused_regime(m: int, elem: int = 2) -> str:
+    if elem > 2:
+        # fp32 runs "ieee" dots on FMA units (no tensor cores: compute-bound at any M, ~1/15 of the
+        # bf16 rate), where a 128x128 tile only adds register pressure (it spilled 16-176 B).
+        return "decode_s" if m <= 16 else "decode_l"
     return "decode_s" if m <= 16 else "decode_l" if m <= DECODE_M else "prefill"
 
 
-def _shrink_in_tile(m: int, r: int, dropout: bool) -> bool:
-    return m <= DECODE_M and _pad_rank(r) <= IN_TILE_MAX_RANK and not dropout
+def _shrink_in_tile(m: int, r: int, dropout: bool, elem: int = 2) -> bool:
+    max_rank = IN_TILE_MAX_RANK if elem <= 2 else IN_TILE_MAX_RANK_FP32
+    return m <= DECODE_M and _pad_rank(r) <= max_rank and not dropout
 
 
-def _shrink_cfg(r: int) -> Config:
+def _shrink_cfg(r: int, elem: int = 2) -> Config:
+    if elem > 2:
+        return SHRINK_CONFIGS["fp32"]
     return SHRINK_CONFIGS["r_le_64" if _pad_rank(r) <= 64 else "r_gt_64"]
 
 
@@ -404,18 +423,18 @@ def _launch_fused(x2: Tensor, w_nk: Tensor, bias: Tensor | None, a_rk: Tensor, b
     n, r = b_nr.shape
     if m == 0 or n == 0:
         return out
-    regime = regime or _fused_regime(m)
+    elem = x2.element_size()
+    regime = regime or _fused_regime(m, elem)
     if regime == "prefill" and drop_mode == 2:
         regime = "prefill_dx_drop"
     cfg = FUSED_CONFIGS[regime]
-    elem = x2.element_size()
     bk = _bk(cfg, elem, _aligned(x2.stride(0), w_nk.stride(0), w_nk.stride(1)))
     # In-tile offsets are int32 (see the kernel): refuse the (absurd) strides that would overflow.
     for name, st, rows in (("x", x2.stride(0), cfg.BM), ("x", x2.stride(1), bk), ("weight", w_nk.stride(0), cfg.BN),
                            ("weight", w_nk.stride(1), bk), ("out", out.stride(0), cfg.BM)):
         if abs(st) * rows >= 2**31:
             raise ValueError(f"lora_linear: {name} stride {st} too large for int32 in-tile offsets; make it contiguous")
-    br = _pad_rank(r) if in_tile else min(EXPAND_CHUNK, _pad_rank(r))
+    br = _pad_rank(r) if in_tile else min(_expand_chunk(elem), _pad_rank(r))
     if h is None:
         h = out  # unused (SHRINK_IN_TILE); any pointer of the right kind
     grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)
@@ -437,8 +456,8 @@ def _launch_shrink(x2: Tensor, a_rk: Tensor, h_scale: float, drop_p: float, seed
     """h [M, r] fp32 = h_scale * dropout(x2) @ a_rk.T. Shape: x2 [M, K], a_rk [r, K] (any strides)."""
     m, k = x2.shape
     r = a_rk.shape[0]
-    cfg = _shrink_cfg(r)
     elem = x2.element_size()
+    cfg = _shrink_cfg(r, elem)
     bk = _bk(cfg, elem, _aligned(x2.stride(0), a_rk.stride(0), a_rk.stride(1)))
     split = _split_k(m, k, cfg.BM, bk)
     h = (torch.zeros if split > 1 else torch.empty)((m, r), dtype=torch.float32, device=x2.device)
@@ -485,7 +504,7 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: 
         raise ValueError(f"out must be [{m}, {n}] {x.dtype} with unit column stride, got {tuple(out.shape)} {out.dtype}")
     bias = bias.contiguous() if bias is not None else None  # N elements: a copy only when strided
     dropout = dropout_p > 0
-    in_tile = _shrink_in_tile(m, r, dropout) if shrink_in_tile is None else shrink_in_tile
+    in_tile = _shrink_in_tile(m, r, dropout, x.element_size()) if shrink_in_tile is None else shrink_in_tile
     inv = 1.0 / (1.0 - dropout_p)
     if in_tile:
         _launch_fused(x2, weight, bias, lora_a, lora_b, None, out, scale * inv, dropout_p, seed,
@@ -669,6 +688,7 @@ def aot_specs(dtypes=(torch.bfloat16, torch.float32)) -> Iterator[tuple[str, obj
     for dtype in dtypes:
         t, elem = _TL[dtype], torch.tensor([], dtype=dtype).element_size()
         prec = _dot_prec(dtype)
+        chunk = _expand_chunk(elem)
         ptrs = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "a_ptr": f"*{t}", "b_ptr": f"*{t}",
                 "h_ptr": "*fp32", "out_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32", "R": "i32"}
         strides = ("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ar", "stride_ak",
@@ -678,15 +698,18 @@ def aot_specs(dtypes=(torch.bfloat16, torch.float32)) -> Iterator[tuple[str, obj
                    "dx": (("stride_xk", "stride_wn", "stride_ak", "stride_bn"), ("stride_xm", "stride_wk", "stride_ar", "stride_br", "stride_om")),
                    "fwd-odd": (("stride_xk", "stride_wk", "stride_ak", "stride_br"), ())}
         for regime, cfg in FUSED_CONFIGS.items():
+            if elem > 2 and regime.startswith("prefill"):
+                continue  # never picked for fp32 (see _fused_regime)
             if regime == "prefill_dx_drop":
-                variants = [("dx_drop", "dx", False, 2, EXPAND_CHUNK)]
+                variants = [("dx_drop", "dx", False, 2, chunk)]
             else:
-                variants = [("h", "fwd", False, 0, EXPAND_CHUNK), ("h", "fwd-odd", False, 0, EXPAND_CHUNK),
-                            ("dx", "dx", False, 0, EXPAND_CHUNK)]
+                variants = [("h", "fwd", False, 0, chunk), ("h", "fwd-odd", False, 0, chunk),
+                            ("dx", "dx", False, 0, chunk)]
             if regime == "decode_s" or regime == "decode_l":
-                variants.append(("dx_drop", "dx", False, 2, EXPAND_CHUNK))
-                variants += [("intile_r64", "fwd", True, 0, IN_TILE_MAX_RANK), ("intile_r16", "fwd", True, 0, 16),
-                             ("intile_r16", "fwd-odd", True, 0, 16)]
+                variants.append(("dx_drop", "dx", False, 2, chunk))
+                variants += [("intile_r16", "fwd", True, 0, 16), ("intile_r16", "fwd-odd", True, 0, 16)]
+                if elem <= 2:
+                    variants.append(("intile_r64", "fwd", True, 0, IN_TILE_MAX_RANK))
             for vname, layout, in_tile, drop_mode, br in variants:
                 units, div16 = layouts[layout]
                 sig = dict(ptrs)
@@ -700,7 +723,8 @@ def aot_specs(dtypes=(torch.bfloat16, torch.float32)) -> Iterator[tuple[str, obj
                 sig.update({c: "constexpr" for c in consts})
                 yield (f"fused/{regime}/{vname}/{layout}/{t}", _lora_fused_kernel, sig, consts, cfg.num_warps,
                        cfg.num_stages)
-        for band, ranks in (("r_le_64", (16, 64)), ("r_gt_64", (128, 256))):
+        bands = (("r_le_64", (16, 64)), ("r_gt_64", (128, 256))) if elem <= 2 else (("fp32", (16, 64, 128, 256)),)
+        for band, ranks in bands:
             cfg = SHRINK_CONFIGS[band]
             for br in ranks:
                 # x @ A.T (forward, A [r, K] row-major), dy @ B (backward, B.T as [r, N]: stride_ar = 1)
