@@ -351,12 +351,25 @@ class FusedConfig(NamedTuple):
     num_stages: int
 
 
-def _fused_config(m: int, elem: int) -> FusedConfig:
+#: r-chunk of the fused kernel's expand loop (any rank: the loop runs ceil(r_t / 16) MMAs of
+#: k = 16, wgmma's native k for 16-bit). 64-wide chunks keep a [BM, 64] fp32 h tile and its hi/lo
+#: halves live next to the [BM, BN] accumulator and spill at BM >= 64 (AOT: 0.6-2.4 KB on sm_90).
+FUSED_BLOCK_R = 16
+
+
+def _aligned(*strides: int) -> bool:
+    """Whether the JIT will see every non-unit stride divisible by 16 (vectorized 16-byte loads)."""
+    return all(s == 1 or s % 16 == 0 for s in strides)
+
+
+def _fused_config(m: int, elem: int, aligned: bool = True) -> FusedConfig:
     """Tile of the fused base+LoRA kernel by row count. Picked for bf16 on an H200 from the
     standard Hopper GEMM tiles, untuned (no GPU in CI); smem per stage = (BM + BN) * BK * elem
     bytes, every config checked by the AOT tests against sm_80's 163 KB and for spills."""
     if elem == 4:  # fp32 is "ieee" (no tensor cores): FMA tiles, registers are the limit
         return FusedConfig(16, 32, 64, 4, 3) if m <= 16 else FusedConfig(32, 64, 32, 4, 3)
+    if not aligned and m > 16:  # odd K / N (e.g. 2049): scalar loads; bigger tiles spill (AOT)
+        return FusedConfig(64, 32, 32, 4, 3)
     if m <= 16:  # decode: memory-bound GEMV-like; narrow N tiles give >= 128 CTAs for N = 4096
         return FusedConfig(16, 32, 128, 4, 4)
     if m <= 128:
@@ -368,10 +381,10 @@ def _block_r(r: int) -> int:
     return max(16, min(64, triton.next_power_of_2(r)))
 
 
-def _shrink_tile(m: int, elem: int) -> tuple[int, int, int, int]:
+def _shrink_tile(m: int, elem: int, aligned: bool = True) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the SGMV shrink: 64-row tiles (wgmma-sized)
-    once segments are long, 32 below; fp32 (FMA) keeps 32-row tiles."""
-    if elem == 4:
+    once segments are long, 32 below; fp32 (FMA) and odd strides keep 32-row tiles."""
+    if elem == 4 or not aligned:
         return 32, 32, 4, 3
     return (64 if m >= 1024 else 32), 64, 4, 3
 
@@ -395,7 +408,8 @@ def _shrink(x: Tensor, a_strides, a: Tensor, scales: Tensor, ranks: Tensor | Non
     if m == 0:
         return h
     elem = x.element_size()
-    br = _block_r(r)
+    aligned = _aligned(x.stride(0), x.stride(1), *a_strides)
+    br = _block_r(r) if aligned else 16  # odd strides: [BM, 64] tiles from scalar loads spill
     rk = ranks if ranks is not None else sorted_ids  # dummy pointer when HAS_RANKS is False
     if bgmv:
         _shrink_bgmv_kernel[(m, triton.cdiv(r, br))](
@@ -403,7 +417,7 @@ def _shrink(x: Tensor, a_strides, a: Tensor, scales: Tensor, ranks: Tensor | Non
             x.stride(0), x.stride(1), *a_strides, h.stride(0), h.stride(1),
             HAS_RANKS=ranks is not None, BLOCK_K=_bgmv_block_k(br), BLOCK_R=br, num_warps=4, num_stages=1)
     else:
-        bm, bk, nw, ns = _shrink_tile(m, elem)
+        bm, bk, nw, ns = _shrink_tile(m, elem, aligned)
         _shrink_sgmv_kernel[(triton.cdiv(m, bm), triton.cdiv(r, br))](
             x, a, scales, h, order, sorted_ids, seg_off, rk, m, k, r,
             x.stride(0), x.stride(1), *a_strides, h.stride(0), h.stride(1),
@@ -419,14 +433,15 @@ def _fused(x: Tensor, w_strides, w: Tensor, n: int, bias: Tensor | None, h: Tens
     y = _empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
-    cfg = _fused_config(m, x.element_size())
+    aligned = _aligned(x.stride(0), x.stride(1), *w_strides, *b_strides, y.stride(0))
+    cfg = _fused_config(m, x.element_size(), aligned)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _fused_kernel[grid](
         x, w, bias if bias is not None else x, h, b, y, order, sorted_ids, seg_off,
         ranks if ranks is not None else sorted_ids, m, n, k, r,
         x.stride(0), x.stride(1), *w_strides, h.stride(0), h.stride(1), *b_strides, y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None, PRECISION=_PRECISION[x.dtype], INTERPRET=_interpret(),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=_block_r(r), GROUP_M=8,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=FUSED_BLOCK_R, GROUP_M=8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
@@ -674,6 +689,17 @@ def _signature(kernel, dtype: str, use: tuple[str, str], constexprs: dict, align
 
 
 def shipped_configs():
+    """Every distinct kernel config the launchers can launch (see :func:`_all_configs`)."""
+    seen = set()
+    for cfg in _all_configs():
+        name, kernel, sig, cx, nw, ns, _ = cfg
+        key = (kernel, tuple(sig.items()), tuple(sorted((k, repr(v)) for k, v in cx.items())), nw, ns)
+        if key not in seen:
+            seen.add(key)
+            yield cfg
+
+
+def _all_configs():
     """Yield (name, kernel, signature, constexprs, num_warps, num_stages, is_mma) for every kernel
     config the launchers can choose: per dtype, rank block (16: r <= 16, 64: r >= 64), with and
     without per-task ranks, per regime and per use (forward, dx, dA, dB), for K, N multiples of 16
@@ -693,18 +719,20 @@ def shipped_configs():
                                              {"HAS_RANKS": has_ranks, "BLOCK_K": _bgmv_block_k(br), "BLOCK_R": br}, aligned)
                         yield f"shrink_bgmv/{use}/{tag}", _shrink_bgmv_kernel, sig, cx, 4, 1, False
                         for m in (64, 4096):
-                            bm, bk, nw, ns = _shrink_tile(m, elem)
+                            bm, bk, nw, ns = _shrink_tile(m, elem, aligned)
                             sig, cx = _signature(_shrink_sgmv_kernel, tt, ("shrink", use),
                                                  {"HAS_RANKS": has_ranks, "PRECISION": prec, "INTERPRET": False, "BLOCK_M": bm, "BLOCK_K": bk,
-                                                  "BLOCK_R": br}, aligned)
+                                                  "BLOCK_R": br if aligned else 16}, aligned)
                             yield f"shrink_sgmv/m{bm}/{use}/{tag}", _shrink_sgmv_kernel, sig, cx, nw, ns, False
                     for use in ("fwd", "dx"):
                         for m in (1, 64, 4096):
-                            cfg = _fused_config(m, elem)
+                            if br != FUSED_BLOCK_R:
+                                continue
+                            cfg = _fused_config(m, elem, aligned)
                             sig, cx = _signature(_fused_kernel, tt, ("fused", use),
                                                  {"HAS_BIAS": use == "fwd", "HAS_RANKS": has_ranks, "PRECISION": prec,
                                                   "INTERPRET": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                                                  "BLOCK_R": br, "GROUP_M": 8}, aligned)
+                                                  "BLOCK_R": FUSED_BLOCK_R, "GROUP_M": 8}, aligned)
                             yield (f"fused/m{cfg.block_m}/{use}/{tag}", _fused_kernel, sig, cx, cfg.num_warps,
                                    cfg.num_stages, cfg.block_m >= 64 and elem == 2)
                     for use in ("dA", "dB"):
