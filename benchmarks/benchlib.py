@@ -76,10 +76,10 @@ MATRICES = {
                    mix_fwdbwd_tokens=(16,), mix_fwdbwd_dists=("uniform",), model="tiny", model_seqs=(4,),
                    model_dists=("distinct",), model_rank=4, compile_shapes=((64, 96),), time_budget_s=0.05, min_rounds=1, max_rounds=3),
     # CPU in under 3 minutes: the shapes the CPU targets are stated on.
-    "quick": Matrix(lin_shapes=((4096, 4096),), lin_ranks=(16,), lin_tokens=(1, 16, 64, 256), lin_fwdbwd_tokens=(16, 256),
+    "quick": Matrix(lin_shapes=((4096, 4096),), lin_ranks=(16,), lin_tokens=(1, 16, 64, 256), lin_fwdbwd_tokens=(64,),
                     lin_fwdbwd_shapes=((4096, 4096),), mix_shapes=((4096, 4096),), mix_ranks=(16,), mix_tokens=(64,),
                     mix_dists=DISTS, mix_fwdbwd_tokens=(64,), mix_fwdbwd_dists=("uniform",), model="small",
-                    model_seqs=(32,), model_dists=DISTS, model_rank=16, time_budget_s=0.25, min_rounds=3, max_rounds=30),
+                    model_seqs=(16,), model_dists=("uniform", "distinct"), model_rank=16, time_budget_s=0.25, min_rounds=3, max_rounds=30),
     # GPU subset for python/gpu_check.py (a few minutes on an H200).
     "gpu": Matrix(lin_shapes=((4096, 4096), (4096, 14336), (14336, 4096)), lin_ranks=(16,), lin_tokens=TOKENS_FULL,
                   lin_fwdbwd_tokens=(64, 2048, 8192), lin_fwdbwd_shapes=((4096, 4096),), mix_shapes=((4096, 4096),),
@@ -98,7 +98,7 @@ MATRICES = {
 MODEL_CONFIGS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=128, batch=4),
-    "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=4,
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                   vocab_size=1024, batch=8),
     "llama8b-2l": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=1024, batch=8),
