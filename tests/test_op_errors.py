@@ -301,8 +301,6 @@ _H_CAST = ("Triton kernels cast the fp32 s·h to the input dtype before the expa
 def test_half_precision_stays_finite(op, backend, dtype, magnitude, request):
     """Large activations: wherever the float64 result is finite and representable in the dtype, so is the output."""
     _skip(backend, "lora_linear" if op == "single" else "lora_linear_mixed")
-    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
-        pytest.skip("bf16 tl.dot is wrong in the Triton interpreter (triton-lang/triton#11584)")
     if dtype == torch.float16 and magnitude == 1000.0:
         if backend == "torch":
             request.applymarker(pytest.mark.xfail(strict=True, reason=_H_OVERFLOW))

@@ -238,9 +238,9 @@ def test_lora_linear_mixed_torch_matches_oracle(c):
                    (scales, ids), c["dtype"], c["seed"])
 
 
-# bf16 is left out under the interpreter: Triton 3.9's interpreter multiplies the raw uint16 bits of
-# bf16 dot operands (triton-lang/triton#11584, "not supported yet"); see the xfail below. On a GPU it runs.
-_MIXED_TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+# Triton 3.9's interpreter multiplies the raw uint16 bits of bf16 dot operands (triton-lang/triton#11584,
+# "not supported yet"); the kernels widen bf16 to fp32 under the interpreter only, so bf16 runs here too.
+_MIXED_TRITON_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @settings(max_examples=5)
@@ -252,10 +252,8 @@ def test_lora_linear_mixed_triton_matches_oracle(c):
                    (scales, ids), c["dtype"], c["seed"])
 
 
-@pytest.mark.xfail(not torch.cuda.is_available(), strict=False,
-                   reason="Triton interpreter bf16 tl.dot multiplies raw bits (triton-lang/triton#11584); the mixed "
-                          "kernels lack the fp32-widening workaround that ops/triton/lora_linear.py has (_mma INTERPRET)")
 def test_lora_linear_mixed_triton_bf16():
+    """bf16 on a fixed case (the interpreter's bf16 dot needs the kernels' widening: triton-lang/triton#11584)."""
     _skip_unless("triton", "lora_linear_mixed")
     c = dict(ids=[0, -1, 1, 0], t=2, inner=(), per_row=False, k=16, n=16, r=4, dtype=torch.bfloat16, bias=True,
              layouts=["contiguous"] * 4, seed=5, zero_scale=False)
