@@ -15,8 +15,10 @@
 // the current stream, so the ops capture in CUDA graphs. M <= kFusedMaxRows rows (decode) run the
 // fused kernels; above it (prefill, compute bound) x·Wᵀ + b runs on cuBLAS and the kernels add
 // the LoRA term in place (see csrc/lora_linear.cu).
+#include <cstdlib>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -62,6 +64,7 @@ void check_launch(cudaError_t err, const char* op, const char* what) {
 struct Device {
   int num_sms;
   bool mma;  // sm_80+: mma.sync with bf16/fp16
+  bool pdl;  // sm_90+: Programmatic Dependent Launch of the fused kernel (LORA_KERNELS_CUDA_PDL=0 turns it off)
 };
 
 // Per-device facts, queried once per device (c10/cuda headers only: ATen/cuda/CUDAContext.h would
@@ -75,7 +78,9 @@ Device device_info(int index) {
   int sms = 0, major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, index));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index));
-  const Device dev{sms, major >= 8};
+  const char* env = std::getenv("LORA_KERNELS_CUDA_PDL");
+  const bool pdl_ok = env == nullptr || std::string(env) != "0";
+  const Device dev{sms, major >= 8, major >= 9 && pdl_ok};
   known.emplace(index, dev);
   return dev;
 }
@@ -85,7 +90,7 @@ const void* opt_ptr(const std::optional<at::Tensor>& t) { return t.has_value() ?
 // Shrink into a fresh fp32 workspace [ksplit, M, r]; returns it (and ksplit via the out param).
 at::Tensor run_shrink(const char* op, DType dt, const Device& dev, const at::Tensor& x2, const at::Tensor& a,
                       int64_t r, const at::Tensor* order, const at::Tensor* tiles, int tile_tokens, int* ksplit,
-                      cudaStream_t stream) {
+                      bool* launched, cudaStream_t stream) {
   const int64_t M = x2.size(0), K = x2.size(1);
   const int64_t num_tiles = tiles != nullptr ? tiles->size(0) : 0;
   const int64_t tiles_for_split = tiles != nullptr ? num_tiles : (M + tile_tokens - 1) / tile_tokens;
@@ -106,6 +111,7 @@ at::Tensor run_shrink(const char* op, DType dt, const Device& dev, const at::Ten
   args.k_per_split = kps;
   args.use_mma = dev.mma && lora_kernels::can_use_mma(dt, x2.data_ptr(), K, a.data_ptr(), K, r * K, K);
   check_launch(lora_kernels::launch_shrink(args, stream), op, "shrink");
+  *launched = M > 0 && (tiles == nullptr || num_tiles > 0);
   return h;
 }
 
@@ -113,7 +119,7 @@ at::Tensor run_shrink(const char* op, DType dt, const Device& dev, const at::Ten
 at::Tensor run_fused(const char* op, DType dt, const Device& dev, const at::Tensor& x2, const at::Tensor& w,
                      const std::optional<at::Tensor>& bias, const at::Tensor& h, int ksplit, int64_t r,
                      const at::Tensor& b, const int64_t* task_ids, const float* scales, float scale,
-                     cudaStream_t stream) {
+                     bool after_shrink, cudaStream_t stream) {
   const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
   const bool fused = M <= kFusedMaxRows;
   at::Tensor y;
@@ -138,6 +144,9 @@ at::Tensor run_fused(const char* op, DType dt, const Device& dev, const at::Tens
   // tiles (B rows read once per 64 rows instead of once per 8).
   args.use_mma = dev.mma && (fused ? lora_kernels::can_use_mma(dt, x2.data_ptr(), K, w.data_ptr(), K, 0, K)
                                    : dt != DType::kFloat32);
+  // PDL only right behind a shrink launch: the fused kernel reads x before its griddepcontrol.wait,
+  // so its programmatic predecessor must be a kernel that itself started after x was written.
+  args.pdl = dev.pdl && after_shrink && fused;  // accumulate mode: cuBLAS runs in between
   check_launch(lora_kernels::launch_fused(args, stream), op, fused ? "fused forward" : "expand");
   return y;
 }
@@ -176,8 +185,10 @@ at::Tensor cuda_lora_linear(const at::Tensor& x, const at::Tensor& weight, const
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int tt = lora_kernels::tile_tokens_for(M);
   int ksplit = 1;
-  const at::Tensor h = run_shrink(op, dt, dev, x2, a, r, nullptr, nullptr, tt, &ksplit, stream);
-  at::Tensor y = run_fused(op, dt, dev, x2, w, bc, h, ksplit, r, b, nullptr, nullptr, static_cast<float>(scale), stream);
+  bool launched = false;
+  const at::Tensor h = run_shrink(op, dt, dev, x2, a, r, nullptr, nullptr, tt, &ksplit, &launched, stream);
+  at::Tensor y = run_fused(op, dt, dev, x2, w, bc, h, ksplit, r, b, nullptr, nullptr, static_cast<float>(scale),
+                           launched, stream);
   return y.view(out_shape);
 }
 
@@ -228,9 +239,11 @@ at::Tensor cuda_lora_linear_mixed(const at::Tensor& x, const at::Tensor& weight,
   const Device dev = device_info(x.get_device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   int ksplit = 1;
-  const at::Tensor h = run_shrink(op, dt, dev, x2, a, r, &ord, &tl, static_cast<int>(tile_tokens), &ksplit, stream);
+  bool launched = false;
+  const at::Tensor h =
+      run_shrink(op, dt, dev, x2, a, r, &ord, &tl, static_cast<int>(tile_tokens), &ksplit, &launched, stream);
   return run_fused(op, dt, dev, x2, w, bc, h, ksplit, r, b, ids.data_ptr<int64_t>(), s32.data_ptr<float>(), 1.0f,
-                   stream);
+                   launched, stream);
 }
 
 }  // namespace

@@ -65,6 +65,9 @@ struct FusedArgs {
   float scale;
   bool accumulate;
   bool use_mma;
+  // Launch with Programmatic Dependent Launch after launch_shrink on the same stream (sm_90+):
+  // W streams while the shrink runs; h is awaited before the epilogue.
+  bool pdl;
 };
 
 // True when the mma.sync path may run: 2-byte dtype, K % 8 == 0, every row start 16-byte aligned.

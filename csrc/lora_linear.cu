@@ -42,9 +42,12 @@
 
 #include "lora_kernels.cuh"
 
-// A launch; tests/cuda_emu defines its own to run the kernels on the host.
+// A launch; tests/cuda_emu defines its own to run the kernels on the host. `pdl`: Programmatic
+// Dependent Launch (sm_90+): the kernel may start while the previous kernel on the stream (the
+// shrink) still runs, and waits for it with griddepcontrol.wait only where it needs its output.
 #ifndef LK_LAUNCH
-#define LK_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#define LK_LAUNCH(kernel, grid, block, stream, pdl, ...) launch_ex(kernel, grid, block, stream, pdl, __VA_ARGS__)
+#define LK_LAUNCH_EX 1
 #endif
 
 namespace lora_kernels {
@@ -103,6 +106,42 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], uint32_t 
 #endif
 }
 
+// Programmatic Dependent Launch. The shrink lets the fused kernel launch at once, so the fused
+// kernel streams W (the ~7 us bulk at 4096x4096) while the shrink (~2 us, latency bound: A is
+// only 0.1-0.5 MiB) runs; the fused kernel waits for the shrink's h right before its epilogue.
+// Both instructions are no-ops when the launch carries no programmatic dependency.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+#ifdef LK_LAUNCH_EX
+template <typename Kernel, typename Arg>
+cudaError_t launch_ex(Kernel kernel, dim3 grid, int block, cudaStream_t stream, bool pdl, const Arg& arg) {
+  if (!pdl) {
+    kernel<<<grid, block, 0, stream>>>(arg);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(block);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, arg);
+}
+#endif
+
 // Everything a launch needs; one struct for both kernels (unused fields are ignored).
 struct Params {
   const void* x; int64_t ldx;
@@ -116,6 +155,7 @@ struct Params {
   const float* h_part; int ksplit; int64_t r;
   const void* b; int64_t b_task_stride; int64_t ldb;
   const int64_t* task_ids; const float* scales; float scale; bool accumulate;
+  bool pdl;
 };
 
 // The body shared by the shrink (SHRINK) and the fused forward. TM = 8·MT tokens per block.
@@ -129,6 +169,7 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
   __shared__ int64_t rows_s[TM];
   __shared__ int task_s[TM];
 
+  if (SHRINK) pdl_launch_dependents();  // let the fused kernel start streaming W now
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kCols;
   const int split = blockIdx.y;
@@ -282,6 +323,7 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
     for (int q = 0; q < Q; ++q) lora[q] = 0.f;
     bool mine = false;  // does this block have a row with a task?
     if (tid < TM) mine = rows_s[tid] >= 0 && task_s[tid] >= 0;
+    pdl_wait();  // h_part is the shrink's output (and y, in accumulate mode, is read below)
     const bool any_task = __syncthreads_or(mine);
     if (any_task) {
       const T* B = static_cast<const T*>(p.b);
@@ -351,8 +393,8 @@ cudaError_t launch(const Params& p0, unsigned gx, unsigned gy, int64_t gz, cudaS
     Params p = p0;
     p.z_offset = off;
     const unsigned z = static_cast<unsigned>(gz - off < 65535 ? gz - off : 65535);
-    LK_LAUNCH((skinny_kernel<T, MT, MMA, SHRINK>), dim3(gx, gy, z), kThreads, stream, p);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err = LK_LAUNCH((skinny_kernel<T, MT, MMA, SHRINK>), dim3(gx, gy, z), kThreads, stream,
+                                      !SHRINK && p.pdl && off == 0, p);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -446,6 +488,7 @@ cudaError_t launch_fused(const FusedArgs& a, cudaStream_t stream) {
   p.h_part = a.h_part; p.ksplit = a.ksplit; p.r = a.r;
   p.b = a.b; p.b_task_stride = a.b_task_stride; p.ldb = a.ldb;
   p.task_ids = a.task_ids; p.scales = a.scales; p.scale = a.scale; p.accumulate = a.accumulate;
+  p.pdl = a.pdl;
   const int tm = a.use_mma ? tile_tokens_for(a.M) : 8;
   return launch_dtype<false>(a.dtype, p, a.use_mma, tm / 8, static_cast<unsigned>(cdiv(a.N, kCols)), 1u,
                              cdiv(a.M, tm), stream);

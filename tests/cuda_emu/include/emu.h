@@ -240,4 +240,5 @@ template <class T> inline T __ldg(const T* p) { return *p; }
 [[noreturn]] inline void __trap() { std::abort(); }
 
 #define LK_EMULATE_MMA(d, a0, a1, a2, a3, b0, b1, T) ::emu::mma<T>(d, a0, a1, a2, a3, b0, b1)
-#define LK_LAUNCH(kernel, grid, block, stream, ...) ::emu::launch([&] { kernel(__VA_ARGS__); }, grid, block)
+#define LK_LAUNCH(kernel, grid, block, stream, pdl, ...) \
+  (::emu::launch([&] { kernel(__VA_ARGS__); }, grid, block), cudaSuccess)
