@@ -141,8 +141,13 @@ def _jit_build(src: Path) -> None:
     if not cpp_extension.CUDA_HOME or not os.path.isfile(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h")):
         cpp_extension.CUDA_HOME = home  # it was imported before, and guessed a folder without the toolkit
     sources = [str(src / "bindings.cpp")] + sorted(str(p) for p in src.glob("*.cu"))
-    where = os.environ.get("TORCH_EXTENSIONS_DIR") or "~/.cache/torch_extensions"
-    print(f"lora_kernels: building the CUDA extension from {src} (first use, ~1-2 min; cached in {where})", file=sys.stderr)
+    try:
+        where = cpp_extension._get_build_directory(EXT_NAME, verbose=False)
+    except Exception:  # noqa: BLE001 - private helper; only used for the message
+        where = os.environ.get("TORCH_EXTENSIONS_DIR") or "~/.cache/torch_extensions"
+    if not os.path.isfile(os.path.join(where, f"{EXT_NAME}.so")):
+        print(f"lora_kernels: building the CUDA extension from {src} (first use, ~1-2 min; cached in {where})",
+              file=sys.stderr)
     cpp_extension.load(
         name=EXT_NAME,
         sources=sources,
