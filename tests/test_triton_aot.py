@@ -1,0 +1,62 @@
+"""Every shipped Triton config of the fused LoRA linear compiles for real GPUs, on this CPU machine.
+
+``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (H100/H200) and ``("cuda", 80, 32)`` (A100),
+through :mod:`tests.triton_aot`: each config must compile (legal ``tl.dot`` shapes: the interpreter
+accepts any), fit the per-block shared memory (227 KiB / 163 KiB), spill no registers (ptxas -v),
+and, on sm_90, issue wgmma for every 16-bit tile with BM >= 64 (a warpgroup MMA is m64; the decode
+tile with BM = 16 uses mma.sync by design, and fp32 inputs run ``input_precision="ieee"``, which
+has no tensor-core path).
+
+The configs come from :func:`lora_kernels.ops.triton.lora_linear.aot_specs`, generated from the
+same table the launch heuristic reads, so a config cannot ship without being compiled here.
+bf16 covers the 16-bit path (fp16 has the same tiles and instructions); fp32 has its own tiles
+(FMA "ieee" dots), all compiled too except the shrink's middle ranks (same config as r16/r256).
+Cold (empty Triton cache) this file takes ~3 min on 2 CPU cores; warm (~/.triton/cache kept) ~40 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from lora_kernels.ops.triton.lora_linear import aot_specs  # noqa: E402
+from tests.triton_aot import SMEM_LIMIT, aot_compile  # noqa: E402
+
+
+def _fp32_core(name: str) -> bool:
+    """fp32: every output-tile variant; the shrink (one fp32 config for all ranks) at the
+    smallest and the largest padded rank."""
+    return name.startswith("fused/") or "/r16/" in name or "/r256/" in name
+
+
+SPECS = list(aot_specs((torch.bfloat16,))) + [s for s in aot_specs((torch.float32,)) if _fp32_core(s[0])]
+
+
+@pytest.mark.parametrize("arch", [90, 80], ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s[0])
+def test_config_compiles_fits_and_does_not_spill(spec, arch):
+    name, kernel, signature, constexprs, num_warps, num_stages = spec
+    res = aot_compile(kernel, signature, constexprs, arch, num_warps, num_stages)
+    assert res.shared_bytes <= SMEM_LIMIT[arch], f"{name}: {res.shared_bytes} B shared > {SMEM_LIMIT[arch]} B on sm_{arch}"
+    assert res.spills == 0, f"{name}: ptxas reports {res.spills} B of register spills on sm_{arch} ({res.registers} registers)"
+    assert 0 < res.registers <= 255
+    sixteen_bit = signature["x_ptr"] in ("*bf16", "*fp16")
+    if arch == 90 and sixteen_bit and constexprs["BM"] >= 64:
+        assert res.has_wgmma, f"{name}: no wgmma.mma_async in the sm_90 PTX"
+    if arch == 80:
+        assert not res.has_wgmma
+        if sixteen_bit:
+            assert "mma.sync" in res.ptx, f"{name}: no tensor-core mma.sync in the sm_80 PTX"
+
+
+def test_aot_reports_compile_errors():
+    """A config the GPU cannot run (a 16x8 dot tile) fails here, where the interpreter would pass."""
+    name, kernel, signature, constexprs, warps, stages = next(s for s in SPECS if "shrink" in s[0])
+    bad = dict(constexprs, BK=8)
+    with pytest.raises(RuntimeError, match="AOT compile|CompilationError|dot"):
+        aot_compile(kernel, signature, bad, 90, warps, stages)
