@@ -12,7 +12,6 @@ import importlib.util
 import pytest
 import torch
 
-from lora_kernels.ops import reference
 from lora_kernels.ops.dispatch import triton_interpreter
 from tests.utils import assert_close, poisoned
 
@@ -141,6 +140,13 @@ def test_noncontiguous_inputs(device):
         for in_tile in (True, False):
             y = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.9, shrink_in_tile=in_tile)
             assert_close(y, ref64(x, w, b, a, bb, 0.9), dtype, f"x stride {x.stride()} in_tile={in_tile}")
+
+
+def test_dispatch_routes_backend_triton_here(device):
+    import lora_kernels as lk
+
+    x, w, b, a, bb = make(6, 16, 9, 3, torch.bfloat16, device)
+    assert torch.equal(lk.ops.lora_linear(x, w, b, a, bb, 0.5, backend="triton"), tl_mod.lora_linear(x, w, b, a, bb, 0.5))
 
 
 def test_float64_runs_the_reference(device):

@@ -16,8 +16,8 @@ memory-bound, "decode", and larger M is compute-bound, "prefill"):
 * **One output kernel.** ``_lora_fused_kernel`` produces each [BM, BN] tile of y: it streams x and
   W once over K into an fp32 accumulator, adds ``s * h @ B.T`` and the bias in the epilogue and
   writes y once. No separate expand kernel, no read-modify-write of y.
-* **Where the shrink h = x_d @ A.T (fp32, [M, r]) is computed**, chosen per regime by
-  :func:`_plan`:
+* **Where the shrink h = x_d @ A.T (fp32, [M, r]) is computed**, chosen per call by
+  :func:`_shrink_in_tile` (not measured on a GPU yet: chosen from these estimates):
     - decode (M <= 128), r <= 64, no dropout: *inside every output tile*, in the same K loop that
       already holds the x tile in shared memory. The extra MMA work is r/BN of the tile (free: the
       tile is memory-bound) and the extra bytes are A re-read from L2 per column tile
@@ -59,15 +59,17 @@ memory-bound, "decode", and larger M is compute-bound, "prefill"):
   ``dB = s * dy.T @ h``, ``dW = dy.T @ x``, ``db = sum(dy)`` are plain torch matmuls: each is a
   single large GEMM (reduction over the M tokens) that cuBLAS runs at its floor; fusing them would
   need split-M reductions for no saved bytes. dW and db are computed only when asked for.
-* **Configs:** a small table per regime (decode M <= 16, decode M <= 128, prefill) and dtype
-  width, chosen by :func:`_plan`; no autotuning at import or at call. Every entry is compiled for
-  sm_90 and sm_80 in ``tests/test_triton_aot.py`` (see :func:`aot_specs`).
+* **Configs:** a small table per regime (decode M <= 16, decode M <= 128, prefill; the shrink per
+  rank band) and dtype width, chosen by :func:`_fused_regime`, :func:`_shrink_cfg` and
+  :func:`_bk`; no autotuning at import or at call. fp32 ("ieee" dots on FMA units, no tensor
+  cores) uses the two decode tiles at every M, a quarter of the K step and in-tile shrink only up
+  to r = 16. Every entry is compiled for sm_90 and sm_80 in ``tests/test_triton_aot.py`` (see
+  :func:`aot_specs`): no spills, shared memory <= 112 KiB, wgmma in the 16-bit BM >= 64 tiles.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Iterator, Optional
 
 import torch
