@@ -162,10 +162,13 @@ class Model(nn.Module):
             adapter.reset(init)
             config.ranks[path], config.alphas[path] = r, float(a)
             built.append((layer, adapter))
-        for layer, adapter in built:
-            layer.adapters[name] = adapter
-            layer.clear_cache()
-        self._tasks[name] = config
+        with _TASKS_LOCK:  # two threads adding the same name: exactly one wins
+            if name in self._tasks:
+                raise ValueError(f"task {name!r} already exists; remove_task it first or pick another name. Tasks: {self.tasks}")
+            for layer, adapter in built:
+                layer.adapters[name] = adapter
+                layer.clear_cache()
+            self._tasks[name] = config  # published last: calls see the task only once every layer has it
         return self
 
     def remove_task(self, name: str) -> "Model":

@@ -90,9 +90,11 @@ class LoRALayer(nn.Module):
         self.adapters = TaskDict()
         self.path = ""  # set by Model: the module's path in the original model, for errors and keys
         self._stack_cache: dict = {}  # kernels' stacked adapters, see LoRALinear._stacks
+        self._cache_generation = 0
 
     def clear_cache(self) -> None:
         """Drop derived copies of the adapters (called when a task is added or removed)."""
+        self._cache_generation += 1
         self._stack_cache = {}
 
     # --- built by subclasses -------------------------------------------------------------------

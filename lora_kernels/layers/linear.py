@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.dispatch import resolve
-from ..ops.reference import segmented_delta
+from ..ops.reference import low_rank, segmented_delta
 from .base import Adapter, LoRALayer
 from .routing import Mix, Route
 
@@ -27,7 +27,7 @@ class LoRALinear(LoRALayer):
     def delta(self, x: Tensor, a: Tensor, b: Tensor, scale: float, dropout_p: float) -> Tensor:
         if dropout_p:
             x = nn.functional.dropout(x, dropout_p, training=True)
-        return nn.functional.linear(nn.functional.linear(x, a) * scale, b)
+        return low_rank(x, a, b, scale)
 
     def forward_single(self, mix: Mix, x: Tensor) -> Tensor:
         groups = self.mix_weights(mix)
@@ -63,7 +63,7 @@ class LoRALinear(LoRALayer):
         without grad the stacks are cached on the layer, keyed by the route's slots and the
         parameters' version counters: steady-state inference copies nothing per forward.
         """
-        key = route.slots
+        key, generation = route.slots, self._cache_generation
         versions = tuple((s, tuple((a._version, b._version, id(a), id(b)) for a, b, *_ in g)) for s, g in weights.items())
         grad = torch.is_grad_enabled() and any(t.requires_grad for g in weights.values() for t, *_ in g)
         if not grad:
@@ -92,5 +92,6 @@ class LoRALinear(LoRALayer):
             if len(cache) >= 8:  # a few distinct slot sets at most; oldest out
                 cache.pop(next(iter(cache)))
             cache[key] = (versions, stacks)
-            self._stack_cache = cache
+            if generation == self._cache_generation:  # a task added/removed meanwhile: don't resurrect the old cache
+                self._stack_cache = cache
         return stacks

@@ -17,7 +17,7 @@ from torch import Tensor
 from .checks import check_lora_linear, check_lora_linear_mixed
 from .routing import Routing
 
-__all__ = ["lora_linear", "lora_linear_mixed", "segmented_delta"]
+__all__ = ["lora_linear", "lora_linear_mixed", "low_rank", "segmented_delta"]
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float = 1.0,
@@ -34,11 +34,26 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
 def _lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0):
     y = F.linear(x, weight, bias)
     xd = F.dropout(x, dropout_p, training=True) if dropout_p else x
-    h = F.linear(xd, lora_a)  # [..., r], small
     n, r = lora_b.shape
+    rows = y.shape[:-1].numel()
+    if x.dtype == torch.float16:
+        y.view(rows, n).add_(low_rank(xd, lora_a, lora_b, scale).reshape(rows, n))
+        return y
+    h = F.linear(xd, lora_a)  # [..., r], small
     # addmm_ adds the expand GEMM into y in place: one write of y instead of two.
-    y.view(h.shape[:-1].numel(), n).addmm_(h.reshape(-1, r), lora_b.t(), alpha=float(scale))
+    y.view(rows, n).addmm_(h.reshape(rows, r), lora_b.t(), alpha=float(scale))
     return y
+
+
+def low_rank(x: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+    """``scale * (x @ lora_a.T) @ lora_b.T`` in ``x``'s dtype.
+
+    fp16 goes through fp32: ``x·Aᵀ`` sums K products and can pass fp16's 65504 where the output
+    does not (DESIGN §5 keeps ``x·Aᵀ`` in fp32 for the same reason). bf16 has fp32's range.
+    """
+    if x.dtype == torch.float16:
+        return F.linear(F.linear(x.float(), lora_a.float()) * scale, lora_b.float()).to(x.dtype)
+    return F.linear(F.linear(x, lora_a) * scale, lora_b)
 
 
 def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
@@ -49,13 +64,14 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
     flattened leading dims), lora_a [T, r, K], lora_b [T, N, r], scales [T], task_ids [M] int
     (``-1`` = no task) or a :class:`Routing`. Rows with task ``-1`` are exactly the base output.
     """
+    num_rows = task_ids.num_rows if isinstance(task_ids, Routing) else torch.as_tensor(task_ids).numel()
+    check_lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, num_rows)  # shapes first: clearer errors
     routing = Routing.of(task_ids, lora_a.shape[0])
-    check_lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, routing.num_rows)
     scale_list = scales.tolist()  # T floats: one host copy per call
     y = F.linear(x, weight, bias)
 
     def delta(t: int, xt: Tensor) -> Tensor:
-        return F.linear(F.linear(xt, lora_a[t]) * scale_list[t], lora_b[t])
+        return low_rank(xt, lora_a[t], lora_b[t], scale_list[t])
 
     if not (x.dim() >= 2 and routing.num_rows == x.shape[0]):  # ids over the flattened leading dims
         return segmented_delta(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), routing, delta).view(y.shape)
