@@ -83,7 +83,7 @@ def _inputs(m, k, n, r, dtype, t=None, seed=0):
 
 SINGLE = [  # (M, K, N, r): tails in every dim, r over the 64-wide expand chunk, several K splits
     (1, 64, 48, 1), (3, 72, 40, 16), (8, 264, 33, 8), (13, 40, 24, 70), (17, 600, 20, 5), (40, 96, 18, 3),
-    (64, 256, 17, 2), (5, 37, 19, 4),
+    (64, 256, 17, 2), (5, 37, 19, 4), (64, 1040, 20, 16), (24, 2056, 24, 8),
 ]
 
 
