@@ -249,6 +249,8 @@ at::Tensor cuda_lora_linear_mixed(const at::Tensor& x, const at::Tensor& weight,
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
+  // The fake (meta) implementations are registered from this Python module (register_fake).
+  m.set_python_module("lora_kernels.ops.cuda");
   m.def("cuda_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale) -> Tensor");
   m.def(
       "cuda_lora_linear_mixed(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor scales, "

@@ -169,6 +169,21 @@ def test_whole_extension_builds(tmp_path):
                            is_python_module=False, build_directory={str(tmp_path)!r})
         for op in ("cuda_lora_linear", "cuda_lora_linear_mixed"):
             print(getattr(torch.ops.lora_kernels, op).default._schema)
+        # The fake implementations: registered from lora_kernels.ops.cuda (the module the C++
+        # set_python_module names), run on meta tensors (no GPU needed).
+        sys.path.insert(0, {str(ROOT)!r})
+        from lora_kernels.ops import cuda
+        cuda._register_fakes()
+        x = torch.empty(3, 5, 64, device="meta", dtype=torch.bfloat16)
+        w = torch.empty(48, 64, device="meta", dtype=torch.bfloat16)
+        a, b = torch.empty(8, 64, device="meta", dtype=torch.bfloat16), torch.empty(48, 8, device="meta", dtype=torch.bfloat16)
+        y = torch.ops.lora_kernels.cuda_lora_linear(x, w, None, a, b, 1.0)
+        assert y.shape == (3, 5, 48), y.shape
+        ids = torch.empty(15, device="meta", dtype=torch.long)
+        ym = torch.ops.lora_kernels.cuda_lora_linear_mixed(x.reshape(15, 64), w, None, a[None], b[None], torch.empty(1, device="meta"),
+                                                           ids, ids, torch.empty(2, 3, device="meta", dtype=torch.int32), 8)
+        assert ym.shape == (15, 48), ym.shape
+        print("fakes ok")
     """)
     # One arch: both are already compiled by test_kernels_compile_for_both_arches; this is the link.
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST="9.0a", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
@@ -176,6 +191,7 @@ def test_whole_extension_builds(tmp_path):
     proc = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=420, env=env, cwd=tmp_path)
     assert proc.returncode == 0, f"the extension did not build:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert "lora_kernels::cuda_lora_linear(" in proc.stdout and "lora_kernels::cuda_lora_linear_mixed(" in proc.stdout
+    assert "fakes ok" in proc.stdout
 
 
 # --- CPU behaviour -----------------------------------------------------------------------------
