@@ -7,9 +7,14 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.dispatch import resolve
-from ..ops.reference import low_rank, segmented_delta
+from ..ops.reference import gathered_delta, low_rank, segmented_delta
 from .base import Adapter, LoRALayer
 from .routing import Mix, Route
+
+
+# From this many tasks in a batch on, the torch path gathers per-row stacks (6 ops) instead of
+# looping over tasks (~5 ops each): measured on CPU with 8 tasks, 14 layers, B8xS16.
+GATHER_MIN_TASKS = 3
 
 
 class LoRALinear(LoRALayer):
@@ -47,8 +52,12 @@ class LoRALinear(LoRALayer):
         if one_group and resolve(None, x, needs_grad) != "torch":
             a, b, scales = self._stacks(route, weights, x)
             return ops.lora_linear_mixed(x, self.base.weight, self.base.bias, a, b, scales, routing)
-        # torch path: per-slot weights as they are (no stacking, no rank padding).
         y = self.base(x)
+        if one_group and len(routing.present) >= GATHER_MIN_TASKS:
+            # Many tasks: gathered stacks and two bmm beat a per-task loop of small ops.
+            a, b, scales = self._stacks(route, weights, x)
+            return gathered_delta(y, x, routing, a, b, scales)
+        # Few tasks: per-slot weights as they are (no stacking, no rank padding).
 
         def delta(s: int, xs: Tensor) -> Tensor:
             terms = [self.delta(xs, a, b, sc, p) for a, b, sc, p in weights[s]]
@@ -63,10 +72,12 @@ class LoRALinear(LoRALayer):
         without grad the stacks are cached on the layer, keyed by the route's slots and the
         parameters' version counters: steady-state inference copies nothing per forward.
         """
-        key, generation = route.slots, self._cache_generation
-        versions = tuple((s, tuple((a._version, b._version, id(a), id(b)) for a, b, *_ in g)) for s, g in weights.items())
         grad = torch.is_grad_enabled() and any(t.requires_grad for g in weights.values() for t, *_ in g)
-        if not grad:
+        # Under torch.compile the stacking is part of the graph; versions and ids are not traceable.
+        cacheable = not grad and not torch.compiler.is_compiling()
+        if cacheable:
+            key, generation = route.slots, self._cache_generation
+            versions = tuple((s, tuple((a._version, b._version, id(a), id(b)) for a, b, *_ in g)) for s, g in weights.items())
             hit = self._stack_cache.get(key)
             if hit is not None and hit[0] == versions:
                 return hit[1]
@@ -87,7 +98,7 @@ class LoRALinear(LoRALayer):
                 b_cols.append(w.new_zeros(w.shape[0], r))
                 scales.append(0.0)
         stacks = (torch.stack(a_rows), torch.stack(b_cols), torch.tensor(scales, dtype=torch.float32, device=w.device))
-        if not grad:
+        if cacheable:
             cache = dict(self._stack_cache)  # copy-on-write: safe against concurrent readers
             if len(cache) >= 8:  # a few distinct slot sets at most; oldest out
                 cache.pop(next(iter(cache)))

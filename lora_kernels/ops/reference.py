@@ -17,7 +17,7 @@ from torch import Tensor
 from .checks import check_lora_linear, check_lora_linear_mixed
 from .routing import Routing
 
-__all__ = ["lora_linear", "lora_linear_mixed", "low_rank", "segmented_delta"]
+__all__ = ["lora_linear", "lora_linear_mixed", "low_rank", "gathered_delta", "segmented_delta"]
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float = 1.0,
@@ -76,6 +76,31 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
     if not (x.dim() >= 2 and routing.num_rows == x.shape[0]):  # ids over the flattened leading dims
         return segmented_delta(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), routing, delta).view(y.shape)
     return segmented_delta(y, x, routing, delta)
+
+
+def gathered_delta(y: Tensor, x: Tensor, routing: Routing, lora_a: Tensor, lora_b: Tensor, scales: Tensor) -> Tensor:
+    """Add every row's task term into ``y`` at once: gather per-row adapter stacks, then two ``bmm``.
+
+    Shape: y [M, ..., N], x [M, ..., K] with the routing's rows as dim 0; lora_a [T, r, K],
+    lora_b [T, N, r], scales [T]. The same result as :func:`segmented_delta` in six ops whatever the
+    number of tasks (the segmented loop costs about five per task): the CPU path for batches that
+    mix many tasks, where per-op overhead dominates the small low-rank GEMMs. Rows without a task
+    are not touched.
+    """
+    if routing.starts[0] == routing.num_rows:
+        return y
+    all_rows = routing.starts[0] == 0
+    rows = routing.active_rows
+    ids = routing.task_ids if all_rows else routing.cached("active_ids", lambda: routing.task_ids.index_select(0, rows))
+    n, k = ids.numel(), x.shape[-1]
+    xs = (x if all_rows else x.index_select(0, rows)).reshape(n, -1, k)
+    work = torch.float32 if x.dtype == torch.float16 else x.dtype  # fp16: x·Aᵀ may overflow (see low_rank)
+    h = torch.bmm(xs.to(work), lora_a.index_select(0, ids).to(work).mT)
+    h = h * scales.index_select(0, ids).to(work).view(n, 1, 1)
+    d = torch.bmm(h, lora_b.index_select(0, ids).to(work).mT).to(y.dtype).reshape(n, *y.shape[1:])
+    if all_rows:
+        return y.add_(d)
+    return y.index_add_(0, rows, d)
 
 
 def segmented_delta(y: Tensor, x: Tensor, routing: Routing, delta: Callable[[int, Tensor], Tensor]) -> Tensor:
