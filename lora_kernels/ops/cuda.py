@@ -133,6 +133,15 @@ def status() -> BackendStatus:
     return _status
 
 
+def built() -> bool:
+    """True once the extension is loaded or was prebuilt by setup.py.
+
+    ``auto`` uses the CUDA backend only then (DESIGN §4: "cuda (extension built)"), so that a first
+    inference call never stalls on a one-minute JIT build; ``backend="cuda"`` or :func:`load` builds it.
+    """
+    return _failure is None and (_loaded is not None or _prebuilt() is not None)
+
+
 def _jit_build(src: Path) -> None:
     home = cuda_home()
     os.environ.setdefault("CUDA_HOME", home)  # read when cpp_extension is first imported

@@ -1,7 +1,8 @@
 """Backend selection: ``auto`` | ``torch`` | ``triton`` | ``cuda``.
 
-``auto`` picks, per call and from the tensors' device: the built CUDA extension for inference
-(no grad needed) on CUDA tensors, then Triton on CUDA tensors, then the torch reference. All of
+``auto`` picks, per call and from the tensors' device: the CUDA extension for inference (no grad
+needed) on CUDA tensors once it is built (by setup.py, or by a first ``backend="cuda"`` call or
+``lora_kernels.ops.cuda.load()``: ``auto`` never waits for a JIT build), then Triton on CUDA tensors, then the torch reference. All of
 them compute the same math; ``auto`` never changes it. A backend asked for explicitly that cannot
 run raises with the reason.
 
@@ -80,6 +81,12 @@ def _cuda_status() -> BackendStatus:
     return cuda.status()
 
 
+def _cuda_built() -> bool:
+    from . import cuda
+
+    return cuda.built()
+
+
 def available_backends() -> dict[str, BackendStatus]:
     """Each backend and whether it can run here, with the reason when it cannot."""
     return {
@@ -94,7 +101,7 @@ def resolve(backend: str | None, x: torch.Tensor, needs_grad: bool) -> str:
     name = _validate(backend or current_backend())
     if name == "auto":
         if x.device.type == "cuda":
-            if not needs_grad and _cuda_status().available:
+            if not needs_grad and _cuda_status().available and _cuda_built():
                 return "cuda"
             if _triton_status().available:
                 return "triton"
