@@ -366,25 +366,29 @@ def _fused_config(m: int, elem: int, aligned: bool = True) -> FusedConfig:
     """Tile of the fused base+LoRA kernel by row count. Picked for bf16 on an H200 from the
     standard Hopper GEMM tiles, untuned (no GPU in CI); smem per stage = (BM + BN) * BK * elem
     bytes, every config checked by the AOT tests against sm_80's 163 KB and for spills."""
-    if elem == 4:  # fp32 is "ieee" (no tensor cores): FMA tiles, registers are the limit
-        return FusedConfig(16, 32, 64, 4, 3) if m <= 16 else FusedConfig(32, 64, 32, 4, 3)
+    if elem == 4:  # fp32 is "ieee" (no tensor cores): FMA tiles; deeper pipelines spill 8-80 B (AOT)
+        return FusedConfig(16, 32, 32, 4, 2) if m <= 16 else FusedConfig(32, 32, 32, 4, 1)
     if not aligned and m > 16:  # odd K / N (e.g. 2049): scalar loads; bigger tiles spill (AOT)
         return FusedConfig(64, 32, 32, 4, 3)
     if m <= 16:  # decode: memory-bound GEMV-like; narrow N tiles give >= 128 CTAs for N = 4096
         return FusedConfig(16, 32, 128, 4, 4)
     if m <= 128:
-        return FusedConfig(64, 64, 64, 4, 4)
+        return FusedConfig(64, 64, 64, 4, 3)
     return FusedConfig(128, 128, 64, 8, 3)
 
 
-def _block_r(r: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(r)))
+def _block_r(r: int, elem: int = 2) -> int:
+    """Rank tile of the shrink outputs and weight-gradient tiles: up to 64 (32 for fp32, whose
+    FMA dot holds both operands in registers; 64 spills there per AOT)."""
+    return max(16, min(64 if elem == 2 else 32, triton.next_power_of_2(r)))
 
 
 def _shrink_tile(m: int, elem: int, aligned: bool = True) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the SGMV shrink: 64-row tiles (wgmma-sized)
     once segments are long, 32 below; fp32 (FMA) and odd strides keep 32-row tiles."""
-    if elem == 4 or not aligned:
+    if elem == 4:  # FMA dot: BK = 32 / 3 stages spill 8-48 B on sm_80 (AOT)
+        return 32, 16, 4, 2
+    if not aligned:
         return 32, 32, 4, 3
     return (64 if m >= 1024 else 32), 64, 4, 3
 
@@ -409,7 +413,7 @@ def _shrink(x: Tensor, a_strides, a: Tensor, scales: Tensor, ranks: Tensor | Non
         return h
     elem = x.element_size()
     aligned = _aligned(x.stride(0), x.stride(1), *a_strides)
-    br = _block_r(r) if aligned else 16  # odd strides: [BM, 64] tiles from scalar loads spill
+    br = _block_r(r, elem) if aligned else 16  # odd strides: [BM, 64] tiles from scalar loads spill
     rk = ranks if ranks is not None else sorted_ids  # dummy pointer when HAS_RANKS is False
     if bgmv:
         _shrink_bgmv_kernel[(m, triton.cdiv(r, br))](
@@ -460,7 +464,7 @@ def _segsum(p: Tensor, q: Tensor, order: Tensor, seg_off: Tensor, ranks: Tensor 
     if buf.numel():
         s_or, s_od = (buf.stride(3), buf.stride(2)) if transpose_out else (buf.stride(2), buf.stride(3))
         bm, bd, nw, ns = _segsum_tile(q.element_size())
-        br = _block_r(r)
+        br = _block_r(r, q.element_size())
         _segsum_kernel[(t * split, triton.cdiv(r, br), triton.cdiv(d, bd))](
             p, q, buf, order, seg_off, ranks if ranks is not None else seg_off, r, d, split,
             p.stride(0), p.stride(1), q.stride(0), q.stride(1), buf.stride(0), buf.stride(1), s_or, s_od,
@@ -608,8 +612,10 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
         routing = Routing(task_ids, num_tasks)
     num_rows = routing.num_rows if routing is not None else ids.numel()
     check_lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, num_rows)
-    if x.dtype not in _PRECISION:
-        raise TypeError(f"lora_linear_mixed (triton): x has dtype {x.dtype}; the kernels take float32, float16, bfloat16")
+    if x.dtype == torch.float64:  # as lora_linear: no fp64 tensor-core path worth shipping
+        from .. import reference
+
+        return reference.lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, routing if routing is not None else ids)
     if ranks is not None:
         if ranks.shape != (num_tasks,):
             raise ValueError(f"lora_linear_mixed: ranks must be [T={num_tasks}], got {tuple(ranks.shape)}")
@@ -701,14 +707,14 @@ def shipped_configs():
 
 def _all_configs():
     """Yield (name, kernel, signature, constexprs, num_warps, num_stages, is_mma) for every kernel
-    config the launchers can choose: per dtype, rank block (16: r <= 16, 64: r >= 64), with and
+    config the launchers can choose: per dtype, rank block (16 and the largest), with and
     without per-task ranks, per regime and per use (forward, dx, dA, dB), for K, N multiples of 16
     and for odd K, N (no divisibility hints). ``is_mma``: a tensor-core tile big enough for wgmma on
     sm_90 (>= 64 rows, 16-bit inputs). Signatures follow tests/triton_aot.py's convention."""
     for dtype, tt in _TT.items():
         elem = torch.empty((), dtype=dtype).element_size()
         prec = _PRECISION[dtype]
-        for br in (16, 64):
+        for br in (16, _block_r(256, elem)):
             for has_ranks in (False, True):
                 for aligned in (True, False):
                     if has_ranks and not aligned:
