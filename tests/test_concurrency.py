@@ -22,14 +22,7 @@ import lora_kernels as lk
 from lora_kernels.layers.routing import current_route
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tests are dominated by tiny ops: on a loaded 2-core CI box, OpenMP's intra-op threads spin
-    against other processes (measured: a 3-row mixed forward 108 ms with 2 threads, 2.8 ms with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 N_THREADS = 12
 ROUNDS = 6
