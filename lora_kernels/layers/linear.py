@@ -7,14 +7,9 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.dispatch import resolve
-from ..ops.reference import gathered_delta, low_rank, segmented_delta
+from ..ops.reference import gather_pays, gathered_delta, low_rank, segmented_delta
 from .base import Adapter, LoRALayer
 from .routing import Mix, Route
-
-
-# From this many tasks in a batch on, the torch path gathers per-row stacks (6 ops) instead of
-# looping over tasks (~5 ops each): measured on CPU with 8 tasks, 14 layers, B8xS16.
-GATHER_MIN_TASKS = 3
 
 
 class LoRALinear(LoRALayer):
@@ -53,7 +48,8 @@ class LoRALinear(LoRALayer):
             a, b, scales = self._stacks(route, weights, x)
             return ops.lora_linear_mixed(x, self.base.weight, self.base.bias, a, b, scales, routing)
         y = self.base(x)
-        if one_group and len(routing.present) >= GATHER_MIN_TASKS:
+        rank = max(g[0][0].shape[0] for g in weights.values()) if weights else 1
+        if one_group and gather_pays(routing, x, rank, self.base.out_features):
             # Many tasks: gathered stacks and two bmm beat a per-task loop of small ops.
             a, b, scales = self._stacks(route, weights, x)
             return gathered_delta(y, x, routing, a, b, scales)

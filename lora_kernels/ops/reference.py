@@ -17,7 +17,7 @@ from torch import Tensor
 from .checks import check_lora_linear, check_lora_linear_mixed
 from .routing import Routing
 
-__all__ = ["lora_linear", "lora_linear_mixed", "low_rank", "gathered_delta", "segmented_delta"]
+__all__ = ["lora_linear", "lora_linear_mixed", "low_rank", "gather_pays", "gathered_delta", "segmented_delta"]
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float = 1.0,
@@ -73,9 +73,30 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
     def delta(t: int, xt: Tensor) -> Tensor:
         return low_rank(xt, lora_a[t], lora_b[t], scale_list[t])
 
+    rows_y, rows_x = y, x
     if not (x.dim() >= 2 and routing.num_rows == x.shape[0]):  # ids over the flattened leading dims
-        return segmented_delta(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), routing, delta).view(y.shape)
-    return segmented_delta(y, x, routing, delta)
+        rows_y, rows_x = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
+    if gather_pays(routing, rows_x, lora_a.shape[1], lora_b.shape[1]):
+        gathered_delta(rows_y, rows_x, routing, lora_a, lora_b, scales)
+    else:
+        segmented_delta(rows_y, rows_x, routing, delta)
+    return y
+
+
+# Gathering per-row stacks copies n·r·(K+N) elements: take that path only from this many tasks on
+# (below, the per-task loop has few ops anyway) and while the copy stays small next to the
+# activations or under 4M elements (16 MiB fp32), so a 8k-row batch never gathers gigabytes.
+GATHER_MIN_TASKS = 3
+GATHER_MAX_ELEMENTS = 1 << 22
+
+
+def gather_pays(routing: Routing, x: Tensor, rank: int, n_out: int) -> bool:
+    """Whether :func:`gathered_delta` beats :func:`segmented_delta` for this batch (see above)."""
+    if len(routing.present) < GATHER_MIN_TASKS or x.shape[-1] == 0 or n_out == 0:
+        return False
+    n = routing.num_rows - routing.starts[0]
+    copy = n * rank * (x.shape[-1] + n_out)
+    return copy <= max(GATHER_MAX_ELEMENTS, 2 * x.numel() // max(x.shape[-1], 1) * (x.shape[-1] + n_out))
 
 
 def gathered_delta(y: Tensor, x: Tensor, routing: Routing, lora_a: Tensor, lora_b: Tensor, scales: Tensor) -> Tensor:
