@@ -79,7 +79,7 @@ MATRICES = {
     "quick": Matrix(lin_shapes=((4096, 4096),), lin_ranks=(16,), lin_tokens=(1, 16, 64, 256), lin_fwdbwd_tokens=(64,),
                     lin_fwdbwd_shapes=((4096, 4096),), mix_shapes=((4096, 4096),), mix_ranks=(16,), mix_tokens=(64,),
                     mix_dists=DISTS, mix_fwdbwd_tokens=(64,), mix_fwdbwd_dists=("uniform",), model="small",
-                    model_seqs=(16,), model_dists=("uniform", "distinct"), model_rank=16, time_budget_s=0.25, min_rounds=3, max_rounds=30),
+                    model_seqs=(16,), model_dists=("uniform", "distinct"), model_rank=16, time_budget_s=0.6, min_rounds=5, max_rounds=60),
     # GPU subset for python/gpu_check.py (a few minutes on an H200).
     "gpu": Matrix(lin_shapes=((4096, 4096), (4096, 14336), (14336, 4096)), lin_ranks=(16,), lin_tokens=TOKENS_FULL,
                   lin_fwdbwd_tokens=(64, 2048, 8192), lin_fwdbwd_shapes=((4096, 4096),), mix_shapes=((4096, 4096),),
