@@ -37,7 +37,7 @@ class TaskConfig:
     init: str = "paper"
 
 
-def _rule(value, path: str, default, what: str):
+def _rule(value, path: str, default):
     """Resolve an int/float-or-mapping option for one layer."""
     if isinstance(value, Mapping):
         return value.get(path, default)
@@ -153,9 +153,9 @@ class Model(nn.Module):
             if isinstance(layer, CustomLayer):
                 built.append((layer, layer.constructor(layer.base)))
                 continue
-            r = _rule(rank, path, layer.default_rank(), "rank")
+            r = _rule(rank, path, layer.default_rank())
             layer.check_rank(r)
-            a = _rule(alpha, path, math.sqrt(r) if rslora else r, "alpha")
+            a = _rule(alpha, path, math.sqrt(r) if rslora else r)
             if not isinstance(a, numbers.Real) or isinstance(a, bool) or not math.isfinite(a) or a == 0:
                 raise ValueError(f"alpha for layer '{path}' must be a finite non-zero number, got {a!r}")
             adapter = layer.make_adapter(r, float(a), rslora, float(dropout))

@@ -241,6 +241,23 @@ def test_tasks_of_different_ranks_in_one_batch():
         torch.testing.assert_close(mixed[i], model(x[i:i + 1], task=t)[0])
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tasks_on_some_layers_only_in_a_mixed_batch(backend):
+    """A task that adapts only some layers (modules=), mixed with others: its rows skip the rest."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    torch.manual_seed(0)
+    model = lk.Model(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)))
+    model.add_task("a").add_task("b", modules=["2"]).add_task("c").add_task("d", modules=["0"])
+    model = trained_like(model, "a", "b", "c", "d").eval()
+    x = torch.randn(5, 6)
+    tasks = ["b", "a", "d", "c", None]
+    with lk.use_backend(backend):
+        mixed = model(x, task=tasks)
+    for i, t in enumerate(tasks):
+        torch.testing.assert_close(mixed[i], model(x[i:i + 1], task=t)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_mixed_batch_gradients_are_sum_of_per_sample_gradients(net_model):
     torch.manual_seed(1)
     ids = torch.randint(0, 13, (4, 5))

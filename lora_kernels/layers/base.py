@@ -182,7 +182,10 @@ class LoRALayer(nn.Module):
         """Base output for all rows, then each slot's LoRA term added into its rows only."""
         routing = self.check_batch(route, x)
         y = self.base(x, *args, **kwargs)
-        slot_weights = {s: self.mix_weights(route.slots[s]) for s in routing.present}
+        return self.add_slot_terms(y, x, routing, {s: self.mix_weights(route.slots[s]) for s in routing.present})
+
+    def add_slot_terms(self, y: Tensor, x: Tensor, routing: Routing, slot_weights: dict[int, list]) -> Tensor:
+        """Add each present slot's LoRA term (from its :meth:`mix_weights`) into its rows of ``y``."""
 
         def delta(s: int, xs: Tensor) -> Tensor:
             terms = [self.delta(xs, a, b, sc, p) for a, b, sc, p in slot_weights[s]]

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.dispatch import resolve
-from ..ops.reference import gather_pays, gathered_delta, low_rank, segmented_delta
+from ..ops.reference import gather_pays, gathered_delta, low_rank
 from .base import Adapter, LoRALayer
 from .routing import Mix, Route
 
@@ -43,23 +43,19 @@ class LoRALinear(LoRALayer):
         routing = self.check_batch(route, x)
         weights = {s: self.mix_weights(route.slots[s]) for s in routing.present}
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for g in weights.values() for t, *_ in g))
-        one_group = all(len(g) == 1 and g[0][3] == 0.0 for g in weights.values())
+        # One (A, B) per slot and no dropout: the stacked paths apply (a slot whose tasks skip this layer stacks zeros).
+        one_group = all(len(g) <= 1 and (not g or g[0][3] == 0.0) for g in weights.values())
         if one_group and resolve(None, x, needs_grad) != "torch":
             a, b, scales = self._stacks(route, weights, x)
             return ops.lora_linear_mixed(x, self.base.weight, self.base.bias, a, b, scales, routing)
         y = self.base(x)
-        rank = max(g[0][0].shape[0] for g in weights.values()) if weights else 1
+        rank = max([g[0][0].shape[0] for g in weights.values() if g] + [1])
         if one_group and gather_pays(routing, x, rank, self.base.out_features):
             # Many tasks: gathered stacks and two bmm beat a per-task loop of small ops.
             a, b, scales = self._stacks(route, weights, x)
             return gathered_delta(y, x, routing, a, b, scales)
         # Few tasks: per-slot weights as they are (no stacking, no rank padding).
-
-        def delta(s: int, xs: Tensor) -> Tensor:
-            terms = [self.delta(xs, a, b, sc, p) for a, b, sc, p in weights[s]]
-            return sum(terms[1:], terms[0]) if terms else y.new_zeros((xs.shape[0], *y.shape[1:]))
-
-        return segmented_delta(y, x, routing, delta)
+        return self.add_slot_terms(y, x, routing, weights)
 
     def _stacks(self, route: Route, weights: dict, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Zero-padded ``A [T, r, in]``, ``B [T, out, r]``, ``scales [T]`` for the kernels.
@@ -78,7 +74,7 @@ class LoRALinear(LoRALayer):
             if hit is not None and hit[0] == versions:
                 return hit[1]
         t = len(route.slots)
-        r = max([g[0][0].shape[0] for g in weights.values()] + [1])
+        r = max([g[0][0].shape[0] for g in weights.values() if g] + [1])
         w = self.base.weight
         a_rows, b_cols, scales = [], [], []
         for s in range(t):
