@@ -79,7 +79,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "peft": ["peft>=0.13", "transformers>=4.45"],
-        "bench": ["matplotlib", "tqdm"],
+        "bench": ["matplotlib", "tqdm", "loralib"],
     },
     entry_points={"console_scripts": ["lora-kernels=lora_kernels.__main__:main"]},
     ext_modules=ext_modules,
