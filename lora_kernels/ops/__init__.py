@@ -40,16 +40,20 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
 
 
 def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
-                      task_ids: "Tensor | Routing", *, backend: str | None = None) -> Tensor:
+                      task_ids: "Tensor | Routing", *, backend: str | None = None, ranks: Tensor | None = None) -> Tensor:
     """Per-row task LoRA linear; see :func:`lora_kernels.ops.reference.lora_linear_mixed`.
 
     Shape: x [M, K] (or [B, ..., K] with ids per sample, or [..., K] with ids per flattened row),
     lora_a [T, r, K], lora_b [T, N, r], scales [T], task_ids [M] int (-1 = no task) or a Routing.
+    ``ranks [T]`` (optional): each task's true rank in the zero-padded stacks; the Triton kernels then
+    skip the padding. It never changes the result (the padding is zero), so other backends ignore it.
     """
     name = resolve(backend, x, _needs_grad(x, weight, bias, lora_a, lora_b))
     if name == "triton":
         from .triton import lora_linear_mixed as impl
-    elif name == "cuda":
+
+        return impl.lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, task_ids, ranks=ranks)
+    if name == "cuda":
         from . import cuda as impl
     else:
         impl = reference
