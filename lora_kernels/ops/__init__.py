@@ -22,6 +22,17 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _nothing_to_fuse(x: Tensor, weight: Tensor, lora_a: Tensor, mixed: bool) -> bool:
+    """Empty batches, K = 0, N = 0, no task slots, malformed stacks: no work for a kernel.
+
+    These go to the reference, which returns the right (empty, or base-only) result or the shared
+    clear error, so every backend answers degenerate calls the same way.
+    """
+    if mixed and (lora_a.dim() != 3 or lora_a.shape[0] == 0):
+        return True
+    return x.dim() < 1 or x.numel() == 0 or weight.dim() != 2 or 0 in weight.shape
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float = 1.0,
                 *, dropout_p: float = 0.0, backend: str | None = None) -> Tensor:
     """``y = x @ weight.T + bias + scale * (dropout(x) @ lora_a.T) @ lora_b.T``.
@@ -30,6 +41,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     Differentiable in x, weight, bias, lora_a and lora_b.
     """
     name = resolve(backend, x, _needs_grad(x, weight, bias, lora_a, lora_b))
+    if _nothing_to_fuse(x, weight, lora_a, mixed=False):
+        name = "torch"
     if name == "triton":
         from .triton import lora_linear as impl
     elif name == "cuda":
@@ -49,6 +62,8 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
     skip the padding. It never changes the result (the padding is zero), so other backends ignore it.
     """
     name = resolve(backend, x, _needs_grad(x, weight, bias, lora_a, lora_b))
+    if _nothing_to_fuse(x, weight, lora_a, mixed=True):
+        name = "torch"
     if name == "triton":
         from .triton import lora_linear_mixed as impl
 
