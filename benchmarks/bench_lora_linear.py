@@ -148,28 +148,13 @@ def build(peer: str, st: Setup):
     raise ValueError(f"unknown peer {peer!r}")
 
 
-def make_step(fn, st: Setup, lora: dict):
-    """The timed call: inference under no_grad, or forward + backward with fresh grads."""
-    if st.mode == "fwd":
-        def step(x):
-            with torch.no_grad():
-                return fn(x)
-    else:
-        def step(x):
-            bl.zero_grads(x, *lora.values())
-            y = fn(x)
-            y.backward(st.dy)
-            return y
-    return step
-
-
 @pytest.mark.bench
 def test_lora_linear(benchmark, lin_case, pytestconfig):
     s = bl.settings(pytestconfig)
     c = lin_case
     st = get_setup(c["k"], c["n"], c["r"], c["m"], c["mode"], s.device, s.dtype)
     fn, lora = build(c["peer"], st)
-    step = make_step(fn, st, lora)
+    step = bl.make_step(fn, st.mode, st.dy, lora)
 
     # correctness first (also what the smoke run checks)
     y = step(st.xs[0])

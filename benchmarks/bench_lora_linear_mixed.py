@@ -132,27 +132,13 @@ def build(peer: str, st: Setup):
     raise ValueError(f"unknown peer {peer!r}")
 
 
-def make_step(fn, st: Setup, lora: dict):
-    if st.mode == "fwd":
-        def step(x):
-            with torch.no_grad():
-                return fn(x)
-    else:
-        def step(x):
-            bl.zero_grads(x, *lora.values())
-            y = fn(x)
-            y.backward(st.dy)
-            return y
-    return step
-
-
 @pytest.mark.bench
 def test_lora_linear_mixed(benchmark, mix_case, pytestconfig):
     s = bl.settings(pytestconfig)
     c = mix_case
     st = get_setup(c["k"], c["n"], c["r"], c["m"], c["dist"], c["mode"], s.device, s.dtype)
     fn, lora = build(c["peer"], st)
-    step = make_step(fn, st, lora)
+    step = bl.make_step(fn, st.mode, st.dy, lora)
 
     y = step(st.xs[0])
     got = {"y": y}

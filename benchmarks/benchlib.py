@@ -342,6 +342,21 @@ def zero_grads(*tensors) -> None:
             t.grad = None
 
 
+def make_step(fn, mode: str, dy, lora: dict):
+    """The timed call: inference under no_grad, or forward + backward (``dy``) with fresh grads."""
+    if mode == "fwd":
+        def step(x):
+            with torch.no_grad():
+                return fn(x)
+    else:
+        def step(x):
+            zero_grads(x, *lora.values())
+            y = fn(x)
+            y.backward(dy)
+            return y
+    return step
+
+
 def skip_reason(peer: str, *, op: str, mode: str, device: str, shape=None, matrix: Matrix | None = None,
                 compile_ok: bool = False) -> str | None:
     """Why a peer does not run in a case (None: it runs)."""
