@@ -198,6 +198,27 @@ def test_per_sample_rows_equal_single_task_runs(make, shape):
     assert not torch.allclose(mixed[0], base[0])  # and the task rows really changed
 
 
+def test_embedding_many_tasks_take_the_gathered_path(monkeypatch):
+    """Three or more tasks on an Embedding: one gather + bmm (padding rows still get no delta)."""
+    original, calls = LoRAEmbedding._gathered, []
+
+    def spy(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(LoRAEmbedding, "_gathered", spy)
+    torch.manual_seed(0)
+    model = trained_like(lk.Model(nn.Embedding(11, 6, padding_idx=2)).add_task("a").add_task("b", rank=2).add_task("c", rank=1), "a", "b", "c")
+    ids = torch.randint(0, 11, (5, 4))
+    ids[0, 0] = 2
+    tasks = ["a", None, "b", "c", {"a": 1.0, "c": 2.0}]
+    mixed = model(ids, task=tasks)
+    assert calls
+    for i, t in enumerate(tasks):
+        torch.testing.assert_close(mixed[i], model(ids[i:i + 1], task=t)[0])
+    assert torch.equal(mixed[1], model(ids)[1])
+
+
 def test_embedding_padding_idx_gets_no_delta():
     model = trained_like(lk.Model(nn.Embedding(10, 4, padding_idx=3)).add_task("a"), "a")
     ids = torch.tensor([[3, 1, 3]])
