@@ -23,11 +23,13 @@ def _needs_grad(*tensors) -> bool:
 
 
 def _nothing_to_fuse(x: Tensor, weight: Tensor, lora_a: Tensor, mixed: bool) -> bool:
-    """Empty batches, K = 0, N = 0, no task slots, malformed stacks: no work for a kernel.
+    """Empty batches, K = 0, N = 0, no task slots, malformed arguments: no work for a kernel.
 
     These go to the reference, which returns the right (empty, or base-only) result or the shared
     clear error, so every backend answers degenerate calls the same way.
     """
+    if not all(isinstance(t, Tensor) for t in (x, weight, lora_a)):
+        return True
     if mixed and (lora_a.dim() != 3 or lora_a.shape[0] == 0):
         return True
     return x.dim() < 1 or x.numel() == 0 or weight.dim() != 2 or 0 in weight.shape
@@ -40,7 +42,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     Shape: x [..., K], weight [N, K], bias [N] or None, lora_a [r, K], lora_b [N, r] -> [..., N].
     Differentiable in x, weight, bias, lora_a and lora_b.
     """
-    name = resolve(backend, x, _needs_grad(x, weight, bias, lora_a, lora_b))
+    if not isinstance(x, Tensor):
+        return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=dropout_p)  # its TypeError
+    name = resolve(backend, x, _needs_grad(x, weight, bias, lora_a, lora_b))  # an impossible backend raises first
     if _nothing_to_fuse(x, weight, lora_a, mixed=False):
         name = "torch"
     if name == "triton":
@@ -61,7 +65,9 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
     ``ranks [T]`` (optional): each task's true rank in the zero-padded stacks; the Triton kernels then
     skip the padding. It never changes the result (the padding is zero), so other backends ignore it.
     """
-    name = resolve(backend, x, _needs_grad(x, weight, bias, lora_a, lora_b))
+    if not isinstance(x, Tensor):
+        return reference.lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, task_ids)  # its TypeError
+    name = resolve(backend, x, _needs_grad(x, weight, bias, lora_a, lora_b))  # an impossible backend raises first
     if _nothing_to_fuse(x, weight, lora_a, mixed=True):
         name = "torch"
     if name == "triton":
