@@ -379,7 +379,9 @@ class Model(nn.Module):
         return _IncompatibleKeys(missing, unexpected)
 
     @staticmethod
-    def _validate_state(given: Mapping[str, Any], targets: Mapping[str, Tensor], strict: bool, what: str) -> tuple[list, list]:
+    def state_errors(given: Mapping[str, Any], targets: Mapping[str, Tensor], strict: bool = True) -> tuple[list, list, list[str]]:
+        """``(missing, unexpected, errors)`` of loading ``given`` into ``targets``: key set (when
+        ``strict``), tensor type, shape, and the dtype policy (floating to floating is cast)."""
         missing = [k for k in targets if k not in given]
         unexpected = [k for k in given if k not in targets]
         errors = []
@@ -397,6 +399,11 @@ class Model(nn.Module):
                 errors.append(f"{k}: shape {tuple(v.shape)} does not match the model's {tuple(t.shape)}")
             elif v.dtype != t.dtype and not (v.dtype.is_floating_point and t.dtype.is_floating_point):
                 errors.append(f"{k}: dtype {v.dtype} cannot be loaded into {t.dtype}")
+        return missing, unexpected, errors
+
+    @staticmethod
+    def _validate_state(given: Mapping[str, Any], targets: Mapping[str, Tensor], strict: bool, what: str) -> tuple[list, list]:
+        missing, unexpected, errors = Model.state_errors(given, targets, strict)
         if errors:
             raise RuntimeError(f"refusing to load the state dict of the {what} (nothing was changed):\n  " + "\n  ".join(errors))
         return missing, unexpected

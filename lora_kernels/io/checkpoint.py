@@ -465,24 +465,9 @@ def load_full_state_dict(model: Model, sd: Mapping[str, Tensor], configs: Mappin
         raise _refuse(source, f"task {merged_task(model)!r} is merged into the base weights; unmerge() first")
     base_sd, task_sds = _split_full(sd)
     parsed = {t: config_from_dict(c, f"config of task {t!r}") for t, c in (configs or {}).items()}
-    errors = []
     base_targets = model.state_dict(keep_vars=True)
-    missing = [k for k in base_targets if k not in base_sd]
-    unexpected = [k for k in base_sd if k not in base_targets]
-    if missing:
-        errors.append(f"missing base keys: {missing}")
-    if unexpected:
-        errors.append(f"unexpected base keys: {unexpected}")
-    for k, t in base_targets.items():
-        v = base_sd.get(k)
-        if v is None:
-            continue
-        if not isinstance(v, Tensor):
-            errors.append(f"{k}: expected a tensor, got {type(v).__name__}")
-        elif tuple(v.shape) != tuple(t.shape):
-            errors.append(f"{k}: shape {tuple(v.shape)} does not match the model's {tuple(t.shape)}")
-        elif v.dtype != t.dtype and not (v.dtype.is_floating_point and t.dtype.is_floating_point):
-            errors.append(f"{k}: dtype {v.dtype} cannot be loaded into {t.dtype}")
+    _, _, base_errors = model.state_errors(base_sd, base_targets)
+    errors = [f"base: {e}" for e in base_errors]
     extra_tasks = [t for t in model._tasks if t not in task_sds]
     if extra_tasks:
         errors.append(f"the model has task(s) {extra_tasks} that the checkpoint lacks (remove_task them first)")
