@@ -118,13 +118,17 @@ class Model(nn.Module):
             raise ValueError(f"unknown task {task!r}; known tasks: {self.tasks}")
 
     def add_task(self, name: str, rank: int | Mapping[str, int] | None = None, alpha: float | Mapping[str, float] | None = None,
-                 dropout: float = 0.0, init: str = "paper", rslora: bool = False, modules: Iterable[str] | None = None) -> "Model":
+                 dropout: float = 0.0, init: str = "paper", rslora: bool = False, modules: Iterable[str] | None = None,
+                 weights: Mapping[str, Tensor] | None = None) -> "Model":
         """Add a task to every adapted layer (or to ``modules``, a list of layer paths). Returns self.
 
         ``rank``: an int, a mapping from layer path to int, or None for the seed's rule
         ``int(sqrt(min(in, out)))`` per layer. ``alpha``: scale = alpha / rank (``rslora``:
         alpha / sqrt(rank)); None gives scale 1. ``init``: ``paper`` (B = 0: the task starts equal to
-        the base model), ``gaussian`` or ``kaiming_both`` (the seed's). Nothing changes if it fails.
+        the base model), ``gaussian`` or ``kaiming_both`` (the seed's). ``weights``: the task's
+        initial values under its state-dict keys (exactly its key set; floating point, cast); they
+        are written before the task becomes visible, so no call ever sees it half-made. Nothing
+        changes if it fails.
         """
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"invalid task name {name!r}: a non-empty str without '.'")
@@ -162,14 +166,30 @@ class Model(nn.Module):
             adapter.reset(init)
             config.ranks[path], config.alphas[path] = r, float(a)
             built.append((layer, adapter))
+        if weights is not None:
+            self._fill(name, built, weights)
         with _TASKS_LOCK:  # two threads adding the same name: exactly one wins
             if name in self._tasks:
                 raise ValueError(f"task {name!r} already exists; remove_task it first or pick another name. Tasks: {self.tasks}")
-            for layer, adapter in built:
-                layer.adapters[name] = adapter
-                layer.clear_cache()
+            plans = [layer.prepare(name, adapter) for layer, adapter in built]  # may fail (memory): nothing changed yet
+            for (layer, _), plan in zip(built, plans):
+                layer.commit(plan)
             self._tasks[name] = config  # published last: calls see the task only once every layer has it
         return self
+
+    def _fill(self, name: str, built: list, weights: Mapping[str, Tensor]) -> None:
+        """Validate ``weights`` against the not-yet-attached adapters of ``built`` and copy them in."""
+        if not isinstance(weights, Mapping):
+            raise TypeError(f"weights must be a mapping of state-dict keys to tensors, got {type(weights).__name__}")
+        targets = {}
+        for layer, adapter in built:
+            own = layer.own_state_of(adapter) if isinstance(layer, CustomLayer) else adapter.state_dict(keep_vars=True)
+            for k, v in own.items():
+                targets[f"{layer.path}.{k}" if layer.path else k] = v
+        self._validate_state(weights, targets, True, f"new task {name!r}")
+        with torch.no_grad():
+            for k, t in targets.items():
+                t.copy_(weights[k])
 
     def remove_task(self, name: str) -> "Model":
         """Remove a task and free its parameters and cached copies. Returns self.
@@ -184,8 +204,7 @@ class Model(nn.Module):
                 raise RuntimeError(f"task {name!r} is in use by {self._in_flight[name]} running call(s); remove it between calls")
             for layer in self._layers.values():
                 if name in layer.adapters:
-                    del layer.adapters[name]
-                    layer.clear_cache()
+                    layer.detach(name)
             del self._tasks[name]
         return self
 
@@ -374,8 +393,6 @@ class Model(nn.Module):
                 for k, v in state_dict.items():
                     if k in targets:
                         targets[k].copy_(v)
-            for layer in self._layers.values():
-                layer.clear_cache()
         return _IncompatibleKeys(missing, unexpected)
 
     @staticmethod

@@ -333,18 +333,26 @@ def test_custom_layer_task_round_trip(tmp_path):
 
 
 def test_failure_after_creation_removes_the_task(tmp_path, monkeypatch):
-    """If writing fails after the task was created, the task is removed again."""
+    """If publishing the new task fails half-way through the layers, nothing is left of it."""
     from lora_kernels.io import checkpoint
 
     make(0).save_task(tmp_path / "a.safetensors", task="a")
     model = make(1)
     snap = snapshot(model)
 
-    def boom(targets, tensors):
-        raise RuntimeError("device lost")
+    from lora_kernels.layers import LoRALayer
 
-    monkeypatch.setattr(checkpoint, "_copy_in", boom)
-    with pytest.raises(RuntimeError, match="device lost"):
+    calls = []
+    real = LoRALayer.prepare
+
+    def boom(self, name, adapter):  # the second layer fails to allocate: the first one's plan is dropped
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return real(self, name, adapter)
+
+    monkeypatch.setattr(LoRALayer, "prepare", boom)
+    with pytest.raises(CheckpointError, match="device lost"):
         model.load_task(tmp_path / "a.safetensors", task="new")
     assert_unchanged(model, snap)
 

@@ -286,6 +286,9 @@ def _prevalidate(model: Model, config: TaskConfig, custom: list[str], tensors: M
         if k in tensors:
             dtype = model._layers[k.rsplit(".", 2)[0] if k.count(".") >= 2 else ""].base.weight.dtype
             errors += _check_value(k, tensors[k], shape, dtype)
+    for k, v in tensors.items():  # custom layers' entries: their shapes are checked when the task is built
+        if k not in targets and isinstance(v, Tensor) and v.dtype.is_floating_point and not bool(torch.isfinite(v).all()):
+            errors.append(f"{k}: holds NaN or Inf values")
     return errors
 
 
@@ -338,8 +341,6 @@ def load_into_task(model: Model, task: str, config: TaskConfig | None, custom: l
         if errors:
             raise _refuse(source, errors)
         _copy_in(targets, tensors)
-        for layer in model._layers.values():
-            layer.clear_cache()
         return
     if config is None:
         raise _refuse(source, f"it has no lora_kernels task config, so task {task!r} cannot be created from it; create it with "
@@ -347,20 +348,12 @@ def load_into_task(model: Model, task: str, config: TaskConfig | None, custom: l
     errors = _prevalidate(model, config, custom, tensors)
     if errors:
         raise _refuse(source, errors)
-    try:
+    try:  # the weights are written before the task is published: no call sees its fresh init
         model.add_task(task, rank=dict(config.ranks), alpha=dict(config.alphas), dropout=config.dropout, init=config.init,
-                       rslora=config.rslora, modules=[p for p in model._layers if p in config.ranks or p in custom])
-    except (ValueError, TypeError) as e:
+                       rslora=config.rslora, modules=[p for p in model._layers if p in config.ranks or p in custom],
+                       weights=tensors)
+    except (ValueError, TypeError, RuntimeError) as e:
         raise _refuse(source, f"the task could not be created: {e}") from None
-    try:
-        targets = model._task_state(task, keep_vars=True)
-        errors = _check_tensors(tensors, targets)
-        if errors:
-            raise _refuse(source, errors)
-        _copy_in(targets, tensors)
-    except BaseException:
-        model.remove_task(task)  # no half-made task
-        raise
 
 
 # --- task files ----------------------------------------------------------------------------------
@@ -482,24 +475,24 @@ def load_full_state_dict(model: Model, sd: Mapping[str, Tensor], configs: Mappin
     if errors:
         raise _refuse(source, errors)
     created = []
-    try:
+    try:  # new tasks are created with their weights (published complete); existing ones are written below
         for t in task_sds:
             if t not in model._tasks:
-                add_tasks(model, {t: configs[t]})
+                config, custom = parsed[t]
+                model.add_task(t, rank=dict(config.ranks), alpha=dict(config.alphas), dropout=config.dropout, init=config.init,
+                               rslora=config.rslora, modules=[p for p in model._layers if p in config.ranks or p in custom],
+                               weights=task_sds[t])
                 created.append(t)
-        task_targets = {t: model._task_state(t, keep_vars=True) for t in task_sds}
-        errors = [f"task {t!r}: {e}" for t in created for e in _check_tensors(task_sds[t], task_targets[t])]
-        if errors:
-            raise _refuse(source, errors)
-    except BaseException:
+    except BaseException as e:
         for t in created:
             model.remove_task(t)
+        if isinstance(e, (ValueError, TypeError, RuntimeError)) and not isinstance(e, CheckpointError):
+            raise _refuse(source, f"a task could not be created: {e}") from None
         raise
+    task_targets = {t: model._task_state(t, keep_vars=True) for t in task_sds if t not in created}
     _copy_in(base_targets, base_sd)
     for t, targets in task_targets.items():
         _copy_in(targets, task_sds[t])
-    for layer in model._layers.values():
-        layer.clear_cache()
 
 
 def save_checkpoint(model: Model, path: str | os.PathLike) -> None:

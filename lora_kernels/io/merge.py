@@ -119,7 +119,6 @@ def merge(model: Model, task: str) -> None:
             w.copy_(merged[p])
     for layer in model._layers.values():
         layer.merged_task = task
-        layer.clear_cache()
     model.__dict__[_STATE] = state
 
 
@@ -133,6 +132,5 @@ def unmerge(model: Model) -> None:
             model._layers[p].base.weight.copy_(original)
     for layer in model._layers.values():
         layer.merged_task = None
-        layer.clear_cache()
     del model.__dict__[_STATE]
 

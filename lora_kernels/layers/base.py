@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..ops.reference import segmented_delta
 from ..ops.routing import Routing
+from .pool import AdapterPool, _same_view as _same
 from .routing import Mix, Route, current_route
 
 INITS = ("paper", "gaussian", "kaiming_both")
@@ -89,13 +90,98 @@ class LoRALayer(nn.Module):
         self.base = base
         self.adapters = TaskDict()
         self.path = ""  # set by Model: the module's path in the original model, for errors and keys
-        self._stack_cache: dict = {}  # kernels' stacked adapters, see LoRALinear._stacks
-        self._cache_generation = 0
+        self._pool: AdapterPool | None = None  # the tasks' storage when ``pooled`` (see layers/pool.py)
 
-    def clear_cache(self) -> None:
-        """Drop derived copies of the adapters (called when a task is added or removed)."""
-        self._cache_generation += 1
-        self._stack_cache = {}
+    #: whether the tasks' A/B live in one stacked storage (:class:`AdapterPool`) that the stacked
+    #: kernels read directly. Set by the types whose mixed batches use stacks (Linear, Embedding).
+    pooled: bool = False
+
+    # --- task storage --------------------------------------------------------------------------
+    def attach(self, name: str, adapter: nn.Module) -> None:
+        """Add ``adapter`` as task ``name`` (its parameters move into the pool, values kept)."""
+        self.commit(self.prepare(name, adapter))
+
+    def prepare(self, name: str, adapter: nn.Module) -> tuple:
+        """Everything of :meth:`attach` that can fail (allocating a bigger pool), changing nothing
+        visible: the model prepares every layer, then commits them all (which cannot fail)."""
+        if not self.pooled:
+            return name, adapter, None, ()
+        a, b = adapter.lora_A.weight.detach(), adapter.lora_B.weight.detach()
+        pool = self._pool.with_task(name, a, b) if self._pool is not None else None
+        if pool is not None:
+            return name, adapter, pool, (name,)
+        # No free slot or a larger rank: a new pool with room to grow (doubling), built from copies.
+        live = [(n, ad.lora_A.weight.detach(), ad.lora_B.weight.detach()) for n, ad in self.adapters.items()]
+        pool = AdapterPool.build(live + [(name, a, b)], spare=len(live) + 1)
+        return name, adapter, pool, tuple(pool.index) if pool is not None else ()
+
+    def commit(self, plan: tuple) -> None:
+        name, adapter, pool, point = plan
+        self.adapters[name] = adapter
+        if pool is not None:
+            self._point(pool, list(point))
+        if self.pooled:
+            self._pool = pool if pool is not None or self._pool is None else self._unpooled()
+
+    def _unpooled(self) -> None:
+        # The tasks no longer fit one pool (dtypes or shapes differ): give every parameter its own storage.
+        with torch.no_grad():
+            for ad in self.adapters.values():
+                for p in (ad.lora_A.weight, ad.lora_B.weight):
+                    p.data = p.data.clone()
+        return None
+
+    def detach(self, name: str) -> None:
+        """Remove task ``name``; its parameters get storage of their own (an optimizer still holding
+        them must never write into the slot a later task reuses), and the pool shrinks when mostly free."""
+        adapter = self.adapters[name]
+        del self.adapters[name]
+        if not self.pooled:
+            return
+        with torch.no_grad():
+            for p in (adapter.lora_A.weight, adapter.lora_B.weight):
+                p.data = p.data.clone()
+        pool = self._pool
+        if pool is None or name not in pool.index:
+            return
+        if len(self.adapters) * 4 <= pool.capacity:  # mostly free: give the memory back
+            self._repool(spare=len(self.adapters))
+        else:
+            self._pool = pool.without_task(name)
+
+    def _repool(self, spare: int = 0) -> None:
+        """Rebuild the pool from the parameters' current values and point them into it."""
+        if not self.pooled:
+            return
+        live = [(n, ad.lora_A.weight.detach(), ad.lora_B.weight.detach()) for n, ad in self.adapters.items()]
+        pool = AdapterPool.build(live, spare=spare)
+        if pool is not None:
+            self._point(pool, list(pool.index))
+        self._pool = pool
+
+    def _point(self, pool: AdapterPool, names: list[str]) -> None:
+        with torch.no_grad():
+            for n in names:
+                ad = self.adapters[n]
+                va, vb = pool.views(n)
+                ad.lora_A.weight.data = va
+                ad.lora_B.weight.data = vb
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .cuda() / .half() give each parameter new storage: rebuild the pool from them.
+        out = super()._apply(fn, recurse)
+        self._repool(spare=len(self.adapters))
+        return out
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_pool"] = None  # rebuilt from the parameters on load (deepcopy clones them one by one)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._repool(spare=len(self.adapters))
 
     # --- built by subclasses -------------------------------------------------------------------
     def dims(self) -> tuple[int, int]:
@@ -184,26 +270,22 @@ class LoRALayer(nn.Module):
         y = self.base(x, *args, **kwargs)
         return self.add_slot_terms(y, x, routing, {s: self.mix_weights(route.slots[s]) for s in routing.present})
 
-    def stacks(self, route: Route, weights: dict, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Zero-padded ``A [T, r, ...]``, ``B [T, out, r, ...]``, ``scales [T]`` and true ``ranks [T]``.
+    def stacks(self, route: Route, routing: Routing, weights: dict) -> tuple[Tensor, Tensor, Tensor, Tensor, Routing]:
+        """Zero-padded ``A [T, r, ...]``, ``B [T, out, r, ...]``, ``scales [T]``, true ``ranks [T]``
+        and the routing whose ids index them.
 
         For the kernels and the gathered CPU paths (Linear: ``A [T, r, in]``, ``B [T, out, r]``;
         Embedding: ``A [T, r, num]``, ``B [T, dim, r]``); ``weights`` is one ``(A, B, scale, p)``
         per present slot (:meth:`mix_weights`), empty for a slot whose tasks skip this layer.
 
-        Slots absent from the batch (or from this layer) stay zero. Stacking copies the adapters, so
-        without grad the stacks are cached on the layer, keyed by the route's slots and the
-        parameters' version counters: steady-state inference copies nothing per forward.
+        Inference on tasks that live in the pool gets the pool itself (no copy, live weights) and a
+        routing from slots to pool slots; otherwise (training, mixes of several tasks in one slot,
+        a parameter that cannot be re-adopted, torch.compile) the stacks are built from the
+        parameters for this call (differentiable), indexed by the route's slots.
         """
-        grad = torch.is_grad_enabled() and any(t.requires_grad for g in weights.values() for t, *_ in g)
-        # Under torch.compile the stacking is part of the graph; versions and ids are not traceable.
-        cacheable = not grad and not torch.compiler.is_compiling()
-        if cacheable:
-            key, generation = route.slots, self._cache_generation
-            versions = tuple((s, tuple((a._version, b._version, id(a), id(b)) for a, b, *_ in g)) for s, g in weights.items())
-            hit = self._stack_cache.get(key)
-            if hit is not None and hit[0] == versions:
-                return hit[1]
+        got = self._pool_stacks(route, routing, weights)
+        if got is not None:
+            return got
         t = len(route.slots)
         r = max([g[0][0].shape[0] for g in weights.values() if g] + [1])
         w = self.base.weight
@@ -222,16 +304,53 @@ class LoRALayer(nn.Module):
                 b_cols.append(w.new_zeros(self.dims()[1], r))
                 scales.append(0.0)
                 ranks.append(0)
-        stacks = (torch.stack(a_rows), torch.stack(b_cols), torch.tensor(scales, dtype=torch.float32, device=w.device),
-                  torch.tensor(ranks, dtype=torch.int32, device=w.device))
-        if cacheable:
-            cache = dict(self._stack_cache)  # copy-on-write: safe against concurrent readers
-            if len(cache) >= 8:  # a few distinct slot sets at most; oldest out
-                cache.pop(next(iter(cache)))
-            cache[key] = (versions, stacks)
-            if generation == self._cache_generation:  # a task added/removed meanwhile: don't resurrect the old cache
-                self._stack_cache = cache
-        return stacks
+        return (torch.stack(a_rows), torch.stack(b_cols), torch.tensor(scales, dtype=torch.float32, device=w.device),
+                torch.tensor(ranks, dtype=torch.int32, device=w.device), routing)
+
+    def _pool_stacks(self, route: Route, routing: Routing, weights: dict) -> tuple | None:
+        """The pool as the stacks of this call, or None when it cannot serve it (see :meth:`stacks`)."""
+        pool = self._pool
+        if pool is None or torch.compiler.is_compiling():
+            return None
+        grad = torch.is_grad_enabled()
+        mapping, pairs = [], {}
+        for s, mix in enumerate(route.slots):
+            present = [(n, w) for n, w in mix if n in self.adapters]
+            if s not in weights or not present:
+                mapping.append(-1)  # absent from the batch, or its tasks skip this layer: no delta
+                continue
+            if len(present) != 1:
+                return None  # a weighted sum of tasks in one slot is a rank concatenation: built per call
+            name, w = present[0]
+            ad = self.adapters[name]
+            a, b = ad.lora_A.weight, ad.lora_B.weight
+            if grad and (a.requires_grad or b.requires_grad):
+                return None  # training: the stacks must carry gradients to the parameters
+            if not pool.holds(name, a, b) and not self._readopt(pool, name, a, b):
+                return None
+            slot, scale = pool.index[name], ad.scale * w
+            if pairs.setdefault(slot, scale) != scale:
+                return None  # one task at two weights in one batch: two slots needed
+            mapping.append(slot)
+        mapping = tuple(mapping)
+        pooled = routing.cached(("pool", pool, mapping), lambda: _remap(routing, mapping, pool.capacity))
+        return pool.a, pool.b, pool.scales(tuple(sorted(pairs.items()))), pool.ranks, pooled
+
+    @staticmethod
+    def _readopt(pool: AdapterPool, name: str, a: Tensor, b: Tensor) -> bool:
+        """Copy a parameter rebound away from its slot (``p.data = ...``, ``vector_to_parameters``)
+        back into the slot and point it there. Only plain tensors of the pool's dtype and device;
+        anything else (a DTensor of FSDP, a cast adapter) is left alone and stacked per call."""
+        va, vb = pool.views(name)
+        for p, v in ((a, va), (b, vb)):
+            if type(p.data) is not torch.Tensor or p.dtype != v.dtype or p.device != v.device or p.shape != v.shape:
+                return False
+        with torch.no_grad():
+            for p, v in ((a, va), (b, vb)):
+                if not _same(p, v):
+                    v.copy_(p.data)
+                    p.data = v
+        return True
 
     def add_slot_terms(self, y: Tensor, x: Tensor, routing: Routing, slot_weights: dict[int, list]) -> Tensor:
         """Add each present slot's LoRA term (from its :meth:`mix_weights`) into its rows of ``y``."""
@@ -270,8 +389,12 @@ class CustomLayer(LoRALayer):
         return [(k, p) for k, p in self.adapters[name].named_parameters() if id(p) not in shared]
 
     def own_state(self, name: str, keep_vars: bool = False) -> dict[str, Tensor]:
+        return self.own_state_of(self.adapters[name], keep_vars)
+
+    def own_state_of(self, module: nn.Module, keep_vars: bool = True) -> dict[str, Tensor]:
+        """``module``'s state entries that are not the base module's (those stay the base's)."""
         shared = {id(t) for t in self.base.state_dict(keep_vars=True).values()}
-        return {k: v if keep_vars else v.detach() for k, v in self.adapters[name].state_dict(keep_vars=True).items() if id(v) not in shared}
+        return {k: v if keep_vars else v.detach() for k, v in module.state_dict(keep_vars=True).items() if id(v) not in shared}
 
     def forward_single(self, mix: Mix, *args: Any, **kwargs: Any) -> Any:
         present = [(self.adapters[n], w) for n, w in mix if n in self.adapters]
@@ -302,3 +425,18 @@ class CustomLayer(LoRALayer):
         if not parts:
             return y
         return y.index_copy(0, routing.active_rows, torch.cat(parts).to(y.dtype))
+
+
+def _remap(routing: Routing, mapping: tuple[int, ...], capacity: int) -> Routing:
+    """``routing`` (ids = the route's slots) re-expressed with pool slots as ids: slot ``s`` ->
+    ``mapping[s]`` (``-1``: no delta). Counts on the host from the routing's; no device sync."""
+    lut = torch.tensor((-1, *mapping), dtype=torch.int64, device=routing.task_ids.device)
+    ids = lut.index_select(0, routing.task_ids + 1)
+    counts = [routing.starts[0]] + [0] * capacity
+    for s, c in enumerate(routing.counts):
+        counts[mapping[s] + 1] += c
+    new = Routing.__new__(Routing)
+    new.task_ids = ids
+    new.order = torch.sort(ids, stable=True).indices
+    new._set_counts(capacity, counts)
+    return new

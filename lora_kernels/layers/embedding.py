@@ -18,6 +18,8 @@ class LoRAEmbedding(LoRALayer):
     LoRA dropout does not apply (its input is integer ids), as in PEFT.
     """
 
+    pooled = True
+
     def dims(self) -> tuple[int, int]:
         return self.base.num_embeddings, self.base.embedding_dim
 
@@ -42,8 +44,8 @@ class LoRAEmbedding(LoRALayer):
         y = self.base(x)
         if len(routing.present) < GATHER_MIN_TASKS or not all(len(g) <= 1 for g in weights.values()) or x.dim() < 2:
             return self.add_slot_terms(y, x, routing, weights)
-        a, b, scales, _ = self.stacks(route, weights, x)  # [T, r, num], [T, dim, r], [T]
-        return y.index_add_(0, routing.active_rows, self._gathered(x, routing, a, b, scales).to(y.dtype))
+        a, b, scales, _, rows = self.stacks(route, routing, weights)  # [T, r, num], [T, dim, r], [T]
+        return y.index_add_(0, rows.active_rows, self._gathered(x, rows, a, b, scales).to(y.dtype))
 
     def _gathered(self, x: Tensor, routing: Routing, a: Tensor, b: Tensor, scales: Tensor) -> Tensor:
         rows = routing.active_rows

@@ -13,7 +13,9 @@ from .routing import Mix, Route
 
 
 class LoRALinear(LoRALayer):
-    """Shape: x [B, ..., in] -> [B, ..., out]. ``A [r, in]``, ``B [out, r]``."""
+    """Shape: x [B, ..., in] -> [B, ..., out]. ``A [r, in]``, ``B [out, r]`` (views of the pool)."""
+
+    pooled = True
 
     def dims(self) -> tuple[int, int]:
         return self.base.in_features, self.base.out_features
@@ -46,13 +48,13 @@ class LoRALinear(LoRALayer):
         # One (A, B) per slot and no dropout: the stacked paths apply (a slot whose tasks skip this layer stacks zeros).
         one_group = all(len(g) <= 1 and (not g or g[0][3] == 0.0) for g in weights.values())
         if one_group and resolve(None, x, needs_grad) != "torch":
-            a, b, scales, ranks = self.stacks(route, weights, x)
-            return ops.lora_linear_mixed(x, self.base.weight, self.base.bias, a, b, scales, routing, ranks=ranks)
+            a, b, scales, ranks, rows = self.stacks(route, routing, weights)
+            return ops.lora_linear_mixed(x, self.base.weight, self.base.bias, a, b, scales, rows, ranks=ranks)
         y = self.base(x)
         rank = max([g[0][0].shape[0] for g in weights.values() if g] + [1])
         if one_group and gather_pays(routing, x, rank, self.base.out_features):
             # Many tasks: gathered stacks and two bmm beat a per-task loop of small ops.
-            a, b, scales, _ = self.stacks(route, weights, x)
-            return gathered_delta(y, x, routing, a, b, scales)
+            a, b, scales, _, rows = self.stacks(route, routing, weights)
+            return gathered_delta(y, x, rows, a, b, scales)
         # Few tasks: per-slot weights as they are (no stacking, no rank padding).
         return self.add_slot_terms(y, x, routing, weights)
