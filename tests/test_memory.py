@@ -92,18 +92,18 @@ def test_adapter_pool_memory_is_freed_with_the_tasks():
     for i in range(8):
         m.add_task(f"t{i}", rank=2, init="kaiming_both")
     layer = m.layers["0"]
-    old = weakref.ref(layer._pool.a.untyped_storage())
-    big = layer._pool.a.untyped_storage().nbytes()
+    old = weakref.ref(layer.pool_of("t7").a.untyped_storage())
+    big = layer.pool_of("t7").a.untyped_storage().nbytes()
     kept = m.task_parameters("t0")["0.lora_A.weight"]
     before = kept.detach().clone()
     for i in range(7):
         m.remove_task(f"t{i}")
     gc.collect()
-    assert layer._pool.a.untyped_storage().nbytes() < big
-    assert old() is None or old().nbytes() == 0 or old().data_ptr() != layer._pool.a.untyped_storage().data_ptr()
+    assert layer.pool_of("t7").a.untyped_storage().nbytes() < big
+    assert old() is None or old().nbytes() == 0 or old().data_ptr() != layer.pool_of("t7").a.untyped_storage().data_ptr()
     m.add_task("new", rank=2, init="kaiming_both")
     assert torch.equal(kept, before)
-    assert kept.untyped_storage().data_ptr() != layer._pool.a.untyped_storage().data_ptr()
+    assert kept.untyped_storage().data_ptr() != layer.pool_of("t7").a.untyped_storage().data_ptr()
 
 
 @pytest.mark.gpu

@@ -67,7 +67,10 @@ def test_mixed_training_steps_equal_per_task_loops():
 def test_inference_reads_the_adapter_pool_without_copies(monkeypatch):
     """Steady-state mixed inference hands the kernel the layer's pool itself (the tasks' live
     storage): nothing is copied per forward, and an in-place write is seen by the next call."""
-    model = _model().eval()
+    torch.manual_seed(0)
+    model = lk.Model(nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 6))).eval()
+    for t in "abc":
+        model.add_task(t, rank=3, init="kaiming_both")
     x = torch.randn(5, 12)
     tasks = ["a", "b", "c", None, "a"]
     layer = model.layers["0"]
@@ -84,5 +87,5 @@ def test_inference_reads_the_adapter_pool_without_copies(monkeypatch):
         model(x, task=tasks)
         model.task_parameters("b")["0.lora_B.weight"].mul_(2)
         y2 = model(x, task=tasks)
-    assert seen and all(a is layer._pool.a for a, _ in seen[::2])  # layer "0": the pool, not a copy
+    assert seen and all(a is layer.pool_of("a").a for a, _ in seen[::2])  # layer "0": the pool, not a copy
     assert torch.equal(y2[0], y1[0]) and not torch.allclose(y2[1], y1[1])

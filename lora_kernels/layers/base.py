@@ -90,50 +90,55 @@ class LoRALayer(nn.Module):
         self.base = base
         self.adapters = TaskDict()
         self.path = ""  # set by Model: the module's path in the original model, for errors and keys
-        self._pool: AdapterPool | None = None  # the tasks' storage when ``pooled`` (see layers/pool.py)
+        # The tasks' storage when ``pooled`` (see layers/pool.py): one pool per (rank, dtype, device),
+        # so every task's views are contiguous. The dict is replaced whole, never mutated: a call
+        # reads one consistent snapshot.
+        self._pools: dict[tuple, AdapterPool] = {}
 
-    #: whether the tasks' A/B live in one stacked storage (:class:`AdapterPool`) that the stacked
+    #: whether the tasks' A/B live in stacked storage (:class:`AdapterPool`) that the stacked
     #: kernels read directly. Set by the types whose mixed batches use stacks (Linear, Embedding).
     pooled: bool = False
 
     # --- task storage --------------------------------------------------------------------------
+    @staticmethod
+    def _kind(adapter: nn.Module) -> tuple:
+        a = adapter.lora_A.weight
+        return a.shape[0], a.dtype, a.device
+
+    def pool_of(self, name: str) -> AdapterPool | None:
+        """The pool holding task ``name``'s slot, or None (unpooled layer type)."""
+        return next((p for p in self._pools.values() if name in p.index), None)
+
     def attach(self, name: str, adapter: nn.Module) -> None:
-        """Add ``adapter`` as task ``name`` (its parameters move into the pool, values kept)."""
+        """Add ``adapter`` as task ``name`` (its parameters move into a pool, values kept)."""
         self.commit(self.prepare(name, adapter))
 
     def prepare(self, name: str, adapter: nn.Module) -> tuple:
         """Everything of :meth:`attach` that can fail (allocating a bigger pool), changing nothing
         visible: the model prepares every layer, then commits them all (which cannot fail)."""
         if not self.pooled:
-            return name, adapter, None, ()
+            return name, adapter, None, None, ()
+        kind = self._kind(adapter)
         a, b = adapter.lora_A.weight.detach(), adapter.lora_B.weight.detach()
-        pool = self._pool.with_task(name, a, b) if self._pool is not None else None
+        old = self._pools.get(kind)
+        pool = old.with_task(name, a, b) if old is not None else None
         if pool is not None:
-            return name, adapter, pool, (name,)
-        # No free slot or a larger rank: a new pool with room to grow (doubling), built from copies.
-        live = [(n, ad.lora_A.weight.detach(), ad.lora_B.weight.detach()) for n, ad in self.adapters.items()]
+            return name, adapter, kind, pool, (name,)
+        # No free slot: a new pool with room to grow (doubling), built from copies of the live slots.
+        live = [(n, *old.views(n)) for n in old.index] if old is not None else []
         pool = AdapterPool.build(live + [(name, a, b)], spare=len(live) + 1)
-        return name, adapter, pool, tuple(pool.index) if pool is not None else ()
+        return name, adapter, kind, pool, tuple(pool.index)
 
     def commit(self, plan: tuple) -> None:
-        name, adapter, pool, point = plan
+        name, adapter, kind, pool, point = plan
         self.adapters[name] = adapter
         if pool is not None:
-            self._point(pool, list(point))
-        if self.pooled:
-            self._pool = pool if pool is not None or self._pool is None else self._unpooled()
-
-    def _unpooled(self) -> None:
-        # The tasks no longer fit one pool (dtypes or shapes differ): give every parameter its own storage.
-        with torch.no_grad():
-            for ad in self.adapters.values():
-                for p in (ad.lora_A.weight, ad.lora_B.weight):
-                    p.data = p.data.clone()
-        return None
+            self._point(pool, point)
+            self._pools = {**self._pools, kind: pool}
 
     def detach(self, name: str) -> None:
         """Remove task ``name``; its parameters get storage of their own (an optimizer still holding
-        them must never write into the slot a later task reuses), and the pool shrinks when mostly free."""
+        them must never write into the slot a later task reuses), and a mostly free pool shrinks."""
         adapter = self.adapters[name]
         del self.adapters[name]
         if not self.pooled:
@@ -141,25 +146,33 @@ class LoRALayer(nn.Module):
         with torch.no_grad():
             for p in (adapter.lora_A.weight, adapter.lora_B.weight):
                 p.data = p.data.clone()
-        pool = self._pool
-        if pool is None or name not in pool.index:
+        kind = next((k for k, p in self._pools.items() if name in p.index), None)
+        if kind is None:
             return
-        if len(self.adapters) * 4 <= pool.capacity:  # mostly free: give the memory back
-            self._repool(spare=len(self.adapters))
+        pool, pools = self._pools[kind], dict(self._pools)
+        rest = [n for n in pool.index if n != name]
+        if not rest:
+            del pools[kind]
+        elif len(rest) * 4 <= pool.capacity:  # mostly free: give the memory back
+            pools[kind] = AdapterPool.build([(n, *pool.views(n)) for n in rest], spare=len(rest))
+            self._point(pools[kind], rest)
         else:
-            self._pool = pool.without_task(name)
+            pools[kind] = pool.without_task(name)
+        self._pools = pools
 
-    def _repool(self, spare: int = 0) -> None:
-        """Rebuild the pool from the parameters' current values and point them into it."""
+    def _repool(self) -> None:
+        """Rebuild every pool from the parameters' current values and point them into it."""
         if not self.pooled:
             return
-        live = [(n, ad.lora_A.weight.detach(), ad.lora_B.weight.detach()) for n, ad in self.adapters.items()]
-        pool = AdapterPool.build(live, spare=spare)
-        if pool is not None:
+        groups: dict[tuple, list] = {}
+        for n, ad in self.adapters.items():
+            groups.setdefault(self._kind(ad), []).append((n, ad.lora_A.weight.detach(), ad.lora_B.weight.detach()))
+        pools = {kind: AdapterPool.build(live, spare=len(live)) for kind, live in groups.items()}
+        for pool in pools.values():
             self._point(pool, list(pool.index))
-        self._pool = pool
+        self._pools = pools
 
-    def _point(self, pool: AdapterPool, names: list[str]) -> None:
+    def _point(self, pool: AdapterPool, names) -> None:
         with torch.no_grad():
             for n in names:
                 ad = self.adapters[n]
@@ -168,20 +181,19 @@ class LoRALayer(nn.Module):
                 ad.lora_B.weight.data = vb
 
     def _apply(self, fn, recurse: bool = True):
-        # .to() / .cuda() / .half() give each parameter new storage: rebuild the pool from them.
+        # .to() / .cuda() / .half() give each parameter new storage: rebuild the pools from them.
         out = super()._apply(fn, recurse)
-        self._repool(spare=len(self.adapters))
+        self._repool()
         return out
 
     def __getstate__(self) -> dict:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state["_pool"] = None  # rebuilt from the parameters on load (deepcopy clones them one by one)
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state["_pools"] = {}  # rebuilt from the parameters on load (deepcopy clones them one by one)
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._repool(spare=len(self.adapters))
+        self._repool()
 
     # --- built by subclasses -------------------------------------------------------------------
     def dims(self) -> tuple[int, int]:
@@ -309,11 +321,11 @@ class LoRALayer(nn.Module):
 
     def _pool_stacks(self, route: Route, routing: Routing, weights: dict) -> tuple | None:
         """The pool as the stacks of this call, or None when it cannot serve it (see :meth:`stacks`)."""
-        pool = self._pool
-        if pool is None or torch.compiler.is_compiling():
+        if not self._pools or torch.compiler.is_compiling():
             return None
+        pools = self._pools
         grad = torch.is_grad_enabled()
-        mapping, pairs = [], {}
+        pool, mapping, pairs = None, [], {}
         for s, mix in enumerate(route.slots):
             present = [(n, w) for n, w in mix if n in self.adapters]
             if s not in weights or not present:
@@ -326,12 +338,18 @@ class LoRALayer(nn.Module):
             a, b = ad.lora_A.weight, ad.lora_B.weight
             if grad and (a.requires_grad or b.requires_grad):
                 return None  # training: the stacks must carry gradients to the parameters
+            mine = pools.get(self._kind(ad))
+            if mine is None or name not in mine.index or (pool is not None and mine is not pool):
+                return None  # tasks of different ranks (or dtypes) in one batch: stacked per call
+            pool = mine
             if not pool.holds(name, a, b) and not self._readopt(pool, name, a, b):
                 return None
             slot, scale = pool.index[name], ad.scale * w
             if pairs.setdefault(slot, scale) != scale:
                 return None  # one task at two weights in one batch: two slots needed
             mapping.append(slot)
+        if pool is None:
+            return None
         mapping = tuple(mapping)
         pooled = routing.cached(("pool", pool, mapping), lambda: _remap(routing, mapping, pool.capacity))
         return pool.a, pool.b, pool.scales(tuple(sorted(pairs.items()))), pool.ranks, pooled

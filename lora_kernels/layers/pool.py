@@ -19,13 +19,14 @@ FSDP/DDP storage swap, ``.to()`` of one adapter) fails the check; the caller the
 (copies it back into the slot and points it there: inference only) or builds the stacks from the
 parameters for that call (training: the stack must be differentiable anyway).
 
-Tasks of different ranks share one pool padded to the largest rank: ``A``'s view ``a[i, :r]`` stays
-contiguous, ``B``'s view ``b[i, :, :r]`` is then strided (not dense). Torch, optimizers and
-autograd accept it; state dicts hand out contiguous copies (safetensors refuses views of one
-storage). Equal ranks (the common case) give contiguous views.
+A layer keeps one pool per rank (and dtype/device), so every view is contiguous and dense
+(``p.view(-1)``, ``parameters_to_vector``, DDP buckets and safetensors all accept it). A mixed
+batch whose tasks have different ranks at a layer therefore stacks per call (a copy); serving many
+tasks at one rank reads the pool. (Padding all ranks into one pool would make ``B``'s views
+strided, which ``parameters_to_vector`` and ``p.view`` reject.)
 
 A pool object is immutable once published: adding or removing a task builds a new one (sharing
-the storage when it still fits) and swaps ``layer._pool`` in one assignment, so a call reads one
+the storage when it still fits) and swaps the layer's pool table in one assignment, so a call reads one
 consistent snapshot.
 """
 
