@@ -18,6 +18,7 @@ from .layers import CustomLayer, LoRALayer, wrapper_for
 from .layers.base import INITS
 from .layers.routing import Mix, Route, routed
 from .ops.routing import Routing
+from .validation import is_num, refuse, stage, state_errors
 
 __all__ = ["Model", "TaskConfig"]
 
@@ -87,6 +88,13 @@ class Model(nn.Module):
                 if new is not child:
                     module._modules[name] = new
         return module
+
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickle) is a new model with no calls running: copying the in-flight
+        # counts of a call in progress would make the copy refuse remove_task forever.
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state["_in_flight"] = {}
+        return state
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -384,45 +392,32 @@ class Model(nn.Module):
             inner_key = {self._original_key(k): k for k in inner if self._original_key(k) is not None}
         else:
             targets = self._task_state(task, keep_vars=True)
-        missing, unexpected = self._validate_state(state_dict, targets, strict, "task " + repr(task) if task else "base model")
+        what = "task " + repr(task) if task else "base model"
+        missing, unexpected = self._validate_state(state_dict, targets, strict, what)
         if task is None:
-            mapped = {inner_key[k]: v for k, v in state_dict.items() if k in targets}
-            self.model.load_state_dict(mapped, strict=False, assign=assign)
+            # Converted up front (a failing conversion is a refusal): torch's loader writes key by key.
+            given = {k: v for k, v in state_dict.items() if k in targets}
+            staged = given if assign else stage(given, targets, f"the state dict of the {what}")
+            self.model.load_state_dict({inner_key[k]: v for k, v in staged.items()}, strict=False, assign=assign)
         else:
+            staged = stage(state_dict, targets, f"the state dict of the {what}")
             with torch.no_grad():
-                for k, v in state_dict.items():
-                    if k in targets:
-                        targets[k].copy_(v)
+                for k, v in staged.items():
+                    targets[k].copy_(v)
         return _IncompatibleKeys(missing, unexpected)
 
     @staticmethod
     def state_errors(given: Mapping[str, Any], targets: Mapping[str, Tensor], strict: bool = True) -> tuple[list, list, list[str]]:
         """``(missing, unexpected, errors)`` of loading ``given`` into ``targets``: key set (when
-        ``strict``), tensor type, shape, and the dtype policy (floating to floating is cast)."""
-        missing = [k for k in targets if k not in given]
-        unexpected = [k for k in given if k not in targets]
-        errors = []
-        if strict and missing:
-            errors.append(f"missing keys: {missing}")
-        if strict and unexpected:
-            errors.append(f"unexpected keys: {unexpected}")
-        for k, v in given.items():
-            if k not in targets:
-                continue
-            t = targets[k]
-            if not isinstance(v, Tensor):
-                errors.append(f"{k}: expected a tensor, got {type(v).__name__}")
-            elif v.shape != t.shape:
-                errors.append(f"{k}: shape {tuple(v.shape)} does not match the model's {tuple(t.shape)}")
-            elif v.dtype != t.dtype and not (v.dtype.is_floating_point and t.dtype.is_floating_point):
-                errors.append(f"{k}: dtype {v.dtype} cannot be loaded into {t.dtype}")
-        return missing, unexpected, errors
+        ``strict``), tensor type, shape, and the dtype policy (floating to floating is cast).
+        See :func:`lora_kernels.validation.state_errors`."""
+        return state_errors(given, targets, strict)
 
     @staticmethod
     def _validate_state(given: Mapping[str, Any], targets: Mapping[str, Tensor], strict: bool, what: str) -> tuple[list, list]:
-        missing, unexpected, errors = Model.state_errors(given, targets, strict)
+        missing, unexpected, errors = state_errors(given, targets, strict)
         if errors:
-            raise RuntimeError(f"refusing to load the state dict of the {what} (nothing was changed):\n  " + "\n  ".join(errors))
+            raise refuse(f"the state dict of the {what}", errors)
         return missing, unexpected
 
     def _refuse_if_merged(self, what: str, task: str | None = None) -> None:

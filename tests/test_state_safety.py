@@ -188,3 +188,83 @@ def test_add_remove_cycles_keep_the_pool_bounded():
         m.remove_task("tmp")
     assert layer.pool_of("t0").capacity <= 16
     _check(m, torch.randn(len(ROWS), 12), "torch")
+
+
+# --- item 2: valid safetensors whose header length starts with byte 0x80 -------------------------------
+def test_safetensors_with_0x80_first_byte_loads(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from lora_kernels.io.checkpoint import META_KEY
+
+    m = _model()
+    m.save_task(tmp_path / "ref.safetensors", task="t1")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ref.safetensors"), framework="pt") as f:
+        meta = dict(f.metadata())
+    sd = m.state_dict(task="t1")
+    path = tmp_path / "x.safetensors"
+    for pad in range(300):  # some padding puts 0x80 in the low byte of the header length
+        save_file(sd, str(path), metadata={**meta, "pad": "p" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    json.loads(meta[META_KEY])
+    m2 = _model()
+    m2.load_task(path, task="loaded")
+    for k, v in sd.items():
+        assert torch.equal(m2.state_dict(task="loaded")[k], v)
+
+
+def test_pickle_is_still_refused(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with pytest.raises(CheckpointError, match="pickle"):
+        _model().load_task(path, task="t9")
+
+
+# --- item 9: a refused load_state_dict writes nothing -------------------------------------------------
+def _snap(m):
+    return {**{k: v.clone() for k, v in m.state_dict().items()},
+            **{(t, k): v.clone() for t in m.tasks for k, v in m.state_dict(task=t).items()}}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("part", ["task", "base"])
+def test_refused_load_state_dict_writes_nothing(part):
+    """The last entry cannot be converted (a meta tensor): refused before the first write."""
+    m = _model()
+    before = _snap(m)
+    sd = m.state_dict(task="t1") if part == "task" else m.state_dict()
+    sd = {k: v + 1 for k, v in sd.items()}  # every good value differs from the model's
+    last = list(sd)[-1]
+    sd[last] = torch.empty_like(sd[last], device="meta")
+    with pytest.raises(CheckpointError):
+        m.load_state_dict(sd, task="t1" if part == "task" else None)
+    assert _same(before, _snap(m))
+
+
+# --- item 10: a copy made during a call has no calls in flight ----------------------------------------
+_COPIES: list = []
+
+
+def _copy_hook(module, args, out):  # module level: the model (hook included) must pickle
+    model, clone = _COPIES.pop()
+    _COPIES.append(copy.deepcopy(model) if clone == "deepcopy" else pickle.loads(pickle.dumps(model)))
+
+
+@pytest.mark.parametrize("clone", ["deepcopy", "pickle"])
+def test_copy_made_mid_call_can_remove_tasks(clone):
+    m = _model()
+    _COPIES[:] = [(m, clone)]
+    handle = m.layers["0"].register_forward_hook(_copy_hook)
+    m(torch.randn(2, 12), task="t1")
+    handle.remove()
+    c = _COPIES.pop()
+    c.remove_task("t1")
+    assert "t1" not in c.tasks and "t1" in m.tasks

@@ -36,6 +36,7 @@ from torch import Tensor
 from ..layers import CustomLayer, LoRAConv, LoRAEmbedding, LoRAHFConv1D, LoRALayer, LoRALinear
 from ..layers.base import INITS
 from ..model import Model, TaskConfig
+from ..validation import CheckpointError, check_value, is_int, is_num, refuse, stage
 
 __all__ = ["CheckpointError", "save_task", "load_task", "save_checkpoint", "load_checkpoint", "full_state_dict",
            "load_full_state_dict", "task_configs", "add_tasks"]
@@ -46,14 +47,7 @@ TASK_PREFIX = "@tasks."  # full checkpoints: "@tasks.<task>.<key>" (task names h
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
-class CheckpointError(ValueError):
-    """A file or state dict was refused; the model was not changed."""
-
-
-def _refuse(source: str, problems: list[str] | str) -> CheckpointError:
-    if isinstance(problems, str):
-        problems = [problems]
-    return CheckpointError(f"refusing to load {source} (nothing was changed):\n  " + "\n  ".join(problems))
+_refuse = refuse  # (kept for the module's own call sites)
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -119,10 +113,13 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip archive, or a pickle stream
-        raise _refuse(source, _pickle_message(path))
     header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
-    if size < 10 or header_len > size - 8 or head[8:9] != b"{":
+    looks_safetensors = size >= 10 and header_len <= size - 8 and head[8:9] == b"{"
+    # Safetensors first: its first byte is the low byte of the header length, 0x80 for 1 in 256
+    # lengths, so "starts with 0x80" alone would refuse valid files as pickles.
+    if not looks_safetensors and (head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"):  # torch.save's zip, or a pickle
+        raise _refuse(source, _pickle_message(path))
+    if not looks_safetensors:
         if path.lower().endswith(PICKLE_SUFFIXES):  # named like a pickle (old protocols have no magic)
             raise _refuse(source, _pickle_message(path))
         if size < 10:
@@ -157,12 +154,7 @@ def config_to_dict(config: TaskConfig, custom_modules: list[str] = ()) -> dict[s
             "dropout": config.dropout, "init": config.init, "custom_modules": list(custom_modules)}
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+_is_int, _is_num = is_int, is_num
 
 
 def config_from_dict(obj: Any, what: str) -> tuple[TaskConfig, list[str]]:
@@ -244,17 +236,9 @@ def _check_tensors(given: Mapping[str, Any], targets: Mapping[str, Tensor]) -> l
 
 
 def _check_value(k: str, v: Any, shape, dtype: torch.dtype) -> list[str]:
-    if not isinstance(v, Tensor):
-        return [f"{k}: expected a tensor, got {type(v).__name__}"]
-    if tuple(v.shape) != tuple(shape):
-        return [f"{k}: shape {tuple(v.shape)} does not match the model's {tuple(shape)}"]
-    if not v.dtype.is_floating_point:
+    if isinstance(v, Tensor) and not v.is_meta and not v.dtype.is_floating_point:
         return [f"{k}: dtype {v.dtype} refused: LoRA weights must be floating point (they are cast to the model's {dtype})"]
-    if not bool(torch.isfinite(v).all()):
-        return [f"{k}: holds NaN or Inf values"]
-    if v.dtype != dtype and not bool(torch.isfinite(v.to(dtype)).all()):
-        return [f"{k}: values overflow the model's dtype {dtype} (cast from {v.dtype})"]
-    return []
+    return check_value(k, v, shape, dtype, finite=True)
 
 
 def _prevalidate(model: Model, config: TaskConfig, custom: list[str], tensors: Mapping[str, Tensor]) -> list[str]:
@@ -318,7 +302,7 @@ def _compatibility(model: Model, task: str, config: TaskConfig, custom: list[str
 def _copy_in(targets: Mapping[str, Tensor], tensors: Mapping[str, Tensor]) -> None:
     with torch.no_grad():
         for k, t in targets.items():
-            t.copy_(tensors[k])  # casts to the parameter's dtype and device; storage unchanged
+            t.copy_(tensors[k])  # values staged to the parameter's dtype and device; storage unchanged
 
 
 def load_into_task(model: Model, task: str, config: TaskConfig | None, custom: list[str], tensors: Mapping[str, Tensor],
@@ -340,7 +324,7 @@ def load_into_task(model: Model, task: str, config: TaskConfig | None, custom: l
         errors = _check_tensors(tensors, targets)
         if errors:
             raise _refuse(source, errors)
-        _copy_in(targets, tensors)
+        _copy_in(targets, stage(tensors, targets, source))
         return
     if config is None:
         raise _refuse(source, f"it has no lora_kernels task config, so task {task!r} cannot be created from it; create it with "
@@ -474,6 +458,10 @@ def load_full_state_dict(model: Model, sd: Mapping[str, Tensor], configs: Mappin
             errors += [f"task {t!r}: {e}" for e in _prevalidate(model, *parsed[t], tsd)]
     if errors:
         raise _refuse(source, errors)
+    # Existing tasks and the base: converted before anything is written or created.
+    task_targets = {t: model._task_state(t, keep_vars=True) for t in task_sds if t in model._tasks}
+    staged_base = stage(base_sd, base_targets, source)
+    staged_tasks = {t: stage(task_sds[t], targets, source) for t, targets in task_targets.items()}
     created = []
     try:  # new tasks are created with their weights (published complete); existing ones are written below
         for t in task_sds:
@@ -489,10 +477,9 @@ def load_full_state_dict(model: Model, sd: Mapping[str, Tensor], configs: Mappin
         if isinstance(e, (ValueError, TypeError, RuntimeError)) and not isinstance(e, CheckpointError):
             raise _refuse(source, f"a task could not be created: {e}") from None
         raise
-    task_targets = {t: model._task_state(t, keep_vars=True) for t in task_sds if t not in created}
-    _copy_in(base_targets, base_sd)
+    _copy_in(base_targets, staged_base)
     for t, targets in task_targets.items():
-        _copy_in(targets, task_sds[t])
+        _copy_in(targets, staged_tasks[t])
 
 
 def save_checkpoint(model: Model, path: str | os.PathLike) -> None:

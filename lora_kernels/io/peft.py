@@ -35,10 +35,17 @@ from torch import Tensor
 
 from ..layers import CustomLayer, LoRAConv, LoRAEmbedding, LoRAHFConv1D, LoRALayer
 from ..model import Model, TaskConfig
-from .checkpoint import (CheckpointError, _is_int, _is_num, _key, _refuse, atomic_save_safetensors, atomic_write_text,
-                         load_into_task, parse_json, read_safetensors)
+from ..validation import CheckpointError
+from ..validation import is_int as _is_int
+from ..validation import is_num as _is_num
+from ..validation import refuse as _refuse
+from .checkpoint import atomic_save_safetensors, atomic_write_text, load_into_task, parse_json, read_safetensors
 
 __all__ = ["load_peft_adapter", "save_peft_adapter"]
+
+
+def _module_key(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -314,7 +321,7 @@ def load_peft_adapter(model: Model, path: str | os.PathLike, task: str, *, allow
         selected = lora.selects(p)
         if selected is True and p not in pairs:
             errors.append(f"module '{p}' is selected by target_modules but has no weights in the file (missing keys "
-                          f"{PREFIX}{_key(p, 'lora_A.weight')} / lora_B)")
+                          f"{PREFIX}{_module_key(p, 'lora_A.weight')} / lora_B)")
         elif selected is False and p in pairs:
             errors.append(f"module '{p}' has weights in the file but target_modules does not select it (unexpected keys)")
     # Base weights carried along (save_embedding_layers): accepted only when equal to the model's.
@@ -335,8 +342,8 @@ def load_peft_adapter(model: Model, path: str | os.PathLike, task: str, *, allow
                         dropout=float(lora.dropout), rslora=lora.rslora, init="paper")
     tensors = {}
     for p in paths:
-        tensors[_key(p, "lora_A.weight")] = pairs[p]["A"]
-        tensors[_key(p, "lora_B.weight")] = pairs[p]["B"]
+        tensors[_module_key(p, "lora_A.weight")] = pairs[p]["A"]
+        tensors[_module_key(p, "lora_B.weight")] = pairs[p]["B"]
     _padding_warning(model, paths, "loading")
     load_into_task(model, task, config, [], tensors, source)
 
@@ -389,8 +396,8 @@ def save_peft_adapter(model: Model, path: str | os.PathLike, task: str, *, task_
     for p in paths:
         ad = model._layers[p].adapters[task]
         emb = isinstance(model._layers[p], LoRAEmbedding)
-        tensors[PREFIX + _key(p, "lora_embedding_A" if emb else "lora_A.weight")] = ad.lora_A.weight
-        tensors[PREFIX + _key(p, "lora_embedding_B" if emb else "lora_B.weight")] = ad.lora_B.weight
+        tensors[PREFIX + _module_key(p, "lora_embedding_A" if emb else "lora_A.weight")] = ad.lora_A.weight
+        tensors[PREFIX + _module_key(p, "lora_embedding_B" if emb else "lora_B.weight")] = ad.lora_B.weight
     folder = os.fspath(path)
     os.makedirs(folder, exist_ok=True)
     atomic_save_safetensors(tensors, os.path.join(folder, WEIGHTS_NAME), {"format": "pt"})
