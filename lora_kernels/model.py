@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +23,12 @@ from .validation import is_num, refuse, stage, state_errors
 
 __all__ = ["Model", "TaskConfig"]
 
-# Guards the in-flight task counts of every Model (module-level: a lock on the model would make it
-# impossible to deepcopy or pickle). Held for microseconds per call, and by remove_task.
-_TASKS_LOCK = threading.Lock()
+# Guards the in-flight call counts of every Model (module-level: a lock on the model would make it
+# impossible to deepcopy or pickle). Held for microseconds per call, and by state changes for the
+# duration of their writes (so no call starts half-way through one). Re-entrant: a load may create
+# a task inside its change.
+_TASKS_LOCK = threading.RLock()
+_ALL = ""  # the in-flight key counting every call (task names are never empty)
 
 
 @dataclass
@@ -253,24 +257,46 @@ class Model(nn.Module):
         a name, or a mix.
         """
         route = self._route(task, tasks, inputs, kwargs)
-        if route is None or torch.compiler.is_compiling():
-            with routed(route):
-                return self.model(*inputs, **kwargs)
-        names = route.task_names()
+        with self._in_call(route), routed(route):
+            return self.model(*inputs, **kwargs)
+
+    @contextlib.contextmanager
+    def _in_call(self, route: Route | None) -> Iterator[None]:
+        """Count a call as running (and as using its tasks) for its duration: state changes
+        (:meth:`changing`) are refused while a running call uses what they change."""
+        if torch.compiler.is_compiling():
+            yield
+            return
+        names = (_ALL, *route.task_names()) if route is not None else (_ALL,)
         self._enter(names)
         try:
-            with routed(route):
-                return self.model(*inputs, **kwargs)
+            yield
         finally:
             with _TASKS_LOCK:
                 for n in names:
                     self._in_flight[n] -= 1
 
+    @contextlib.contextmanager
+    def changing(self, what: str, tasks: Iterable[str] | None = None) -> Iterator[None]:
+        """The concurrency rule of every state change (load, reload, merge, unmerge, remove):
+        refused (``RuntimeError``, nothing changed) while a running call uses what it changes:
+        ``tasks`` (names), or with ``tasks=None`` the base weights (every call uses them); and no
+        call starts until the body of the ``with`` (the writes) is done.
+        """
+        with _TASKS_LOCK:
+            keys = [_ALL] if tasks is None else list(tasks)
+            busy = {k: self._in_flight.get(k, 0) for k in keys if self._in_flight.get(k, 0)}
+            if busy:
+                users = "the base weights" if tasks is None else ", ".join(repr(k) for k in busy)
+                raise RuntimeError(f"cannot {what}: {sum(busy.values())} running call(s) use {users}; "
+                                   "do it between calls (nothing was changed)")
+            yield
+
     def _enter(self, names: tuple[str, ...]) -> None:
         """Count a call as using ``names``; re-checks them under the lock (a remove may have won)."""
         with _TASKS_LOCK:
             for n in names:
-                if n not in self._tasks:
+                if n != _ALL and n not in self._tasks:
                     raise ValueError(f"unknown task {n!r} (removed while this call started); known tasks: {self.tasks}")
             for n in names:
                 self._in_flight[n] = self._in_flight.get(n, 0) + 1
@@ -398,10 +424,11 @@ class Model(nn.Module):
             # Converted up front (a failing conversion is a refusal): torch's loader writes key by key.
             given = {k: v for k, v in state_dict.items() if k in targets}
             staged = given if assign else stage(given, targets, f"the state dict of the {what}")
-            self.model.load_state_dict({inner_key[k]: v for k, v in staged.items()}, strict=False, assign=assign)
+            with self.changing("load the base weights"):
+                self.model.load_state_dict({inner_key[k]: v for k, v in staged.items()}, strict=False, assign=assign)
         else:
             staged = stage(state_dict, targets, f"the state dict of the {what}")
-            with torch.no_grad():
+            with self.changing(f"load task {task!r}", [task]), torch.no_grad():
                 for k, v in staged.items():
                     targets[k].copy_(v)
         return _IncompatibleKeys(missing, unexpected)

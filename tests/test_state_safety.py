@@ -268,3 +268,144 @@ def test_copy_made_mid_call_can_remove_tasks(clone):
     c = _COPIES.pop()
     c.remove_task("t1")
     assert "t1" not in c.tasks and "t1" in m.tasks
+
+
+# --- items 3, 4: state changes while a call is running ----------------------------------------------
+def _paused_call(m, x, task):
+    """Start ``m(x, task=task)`` on a thread and pause it mid-forward (between two adapted layers).
+    Returns (thread, release event, output dict)."""
+    inside, release = __import__("threading").Event(), __import__("threading").Event()
+
+    def block():
+        inside.set()
+        assert release.wait(30)
+
+    m.model.hook = block
+    out = {}
+
+    def run():
+        try:
+            out["y"] = m(x, task=task)
+        except Exception as e:  # reported to the test thread
+            out["error"] = e
+
+    t = __import__("threading").Thread(target=run, daemon=True)
+    t.start()
+    assert inside.wait(30), "the call never reached the pause"
+    return t, release, out
+
+
+def _finish(m, t, release, out):
+    release.set()
+    t.join(30)
+    assert not t.is_alive(), "the paused call did not finish"
+    m.model.hook = None
+    assert "error" not in out, out.get("error")
+    return out["y"]
+
+
+def _state_changes(tmp_path, m):
+    """(name, uses, change): state changes of task 'a' / the base, each with the tasks it touches."""
+    src = _conc_model()
+    with torch.no_grad():
+        for p in src.task_parameters("a").values():
+            p.mul_(-2)  # a different version of task a
+    src.save_task(tmp_path / "a.safetensors", task="a")
+    src.save_peft_adapter(tmp_path / "peft_a", task="a")
+    sd_a = src.state_dict(task="a")
+    sd_base = {k: v * 2 for k, v in m.state_dict().items()}
+    return [
+        ("merge", None, lambda: m.merge("b")),
+        ("load_task", "a", lambda: m.load_task(tmp_path / "a.safetensors", task="a")),
+        ("load_peft_adapter", "a", lambda: m.load_peft_adapter(tmp_path / "peft_a", task="a")),
+        ("load_state_dict task", "a", lambda: m.load_state_dict(sd_a, task="a")),
+        ("load_state_dict base", None, lambda: m.load_state_dict(sd_base)),
+    ]
+
+
+def _conc_model():
+    from tests.test_concurrency import _model as model
+
+    return model()
+
+
+@pytest.mark.usefixtures("one_intra_op_thread")
+@pytest.mark.parametrize("which", range(5), ids=["merge", "load_task", "load_peft_adapter", "load_state_dict_task", "load_state_dict_base"])
+def test_state_changes_are_refused_while_a_call_uses_what_they_change(tmp_path, which):
+    """A change of task 'a' (or of the base weights, which every call uses) while a call on 'a' is
+    half-way through is refused with RuntimeError and changes nothing; the call finishes with the
+    version it started with; between calls the change goes through."""
+    m = _conc_model()
+    x = torch.randint(0, 20, (4, 5))
+    name, uses, change = _state_changes(tmp_path, m)[which]
+    expected = m(x, task=["a", None, "a", "a"])
+    before = _snap(m)
+    t, release, out = _paused_call(m, x, ["a", None, "a", "a"])
+    try:
+        with pytest.raises(RuntimeError, match="running call"):
+            change()
+        assert _same(before, _snap(m))
+    finally:
+        y = _finish(m, t, release, out)
+    assert torch.equal(y, expected), "the running call saw part of the change"
+    change()  # between calls: fine
+    if name == "merge":
+        m.unmerge()
+
+
+@pytest.mark.usefixtures("one_intra_op_thread")
+def test_unmerge_is_refused_while_a_call_runs_on_the_merged_model():
+    m = _conc_model()
+    x = torch.randint(0, 20, (4, 5))
+    m.merge("a")
+    expected = m(x, task="a")
+    t, release, out = _paused_call(m, x, "a")
+    try:
+        with pytest.raises(RuntimeError, match="running call"):
+            m.unmerge()
+    finally:
+        y = _finish(m, t, release, out)
+    assert torch.equal(y, expected)
+    m.unmerge()
+
+
+# --- item 5: a loaded task is visible only once its weights are in -----------------------------------
+@pytest.mark.usefixtures("one_intra_op_thread")
+def test_new_task_is_visible_only_with_its_weights(tmp_path):
+    import threading
+
+    src = _conc_model()
+    src.save_task(tmp_path / "a.safetensors", task="a")
+    m = _conc_model()
+    m.remove_task("a")
+    x = torch.randint(0, 20, (2, 5))
+    expected = src(x, task="a")
+    stop, seen, bad = threading.Event(), [], []
+
+    def poll():
+        while not stop.is_set():
+            if "a" in m.tasks:
+                try:
+                    y = m(x, task="a")
+                except ValueError:  # removed again between the check and the call
+                    continue
+                seen.append(1)
+                if not torch.allclose(y, expected):
+                    bad.append(y)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        for _ in range(40):
+            m.load_task(tmp_path / "a.safetensors", task="a")
+            while True:
+                try:
+                    m.remove_task("a")
+                    break
+                except RuntimeError:  # in use by the poller: try again
+                    pass
+    finally:
+        stop.set()
+        poller.join(30)
+    assert not poller.is_alive()
+    assert not bad, f"{len(bad)} of {len(seen)} first calls saw a task before its weights were loaded"

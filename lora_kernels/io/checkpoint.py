@@ -324,7 +324,12 @@ def load_into_task(model: Model, task: str, config: TaskConfig | None, custom: l
         errors = _check_tensors(tensors, targets)
         if errors:
             raise _refuse(source, errors)
-        _copy_in(targets, stage(tensors, targets, source))
+        staged = stage(tensors, targets, source)
+        try:
+            with model.changing(f"reload task {task!r}", [task]):
+                _copy_in(targets, staged)
+        except RuntimeError as e:
+            raise _refuse(source, str(e)) from None
         return
     if config is None:
         raise _refuse(source, f"it has no lora_kernels task config, so task {task!r} cannot be created from it; create it with "
@@ -462,6 +467,11 @@ def load_full_state_dict(model: Model, sd: Mapping[str, Tensor], configs: Mappin
     task_targets = {t: model._task_state(t, keep_vars=True) for t in task_sds if t in model._tasks}
     staged_base = stage(base_sd, base_targets, source)
     staged_tasks = {t: stage(task_sds[t], targets, source) for t, targets in task_targets.items()}
+    with model.changing("load a full checkpoint"):
+        _load_full(model, sd, configs, source, parsed, task_sds, base_targets, task_targets, staged_base, staged_tasks)
+
+
+def _load_full(model, sd, configs, source, parsed, task_sds, base_targets, task_targets, staged_base, staged_tasks) -> None:
     created = []
     try:  # new tasks are created with their weights (published complete); existing ones are written below
         for t in task_sds:

@@ -112,14 +112,18 @@ def merge(model: Model, task: str) -> None:
     if bad:
         raise ValueError(f"refusing to merge task {task!r} (the base weights were not touched):\n  " + "\n  ".join(bad))
     state = MergedState(task)
-    with torch.no_grad():
+    originals = {p: layer.base.weight.detach().clone() for p, layer in layers}
+    # Every call uses the base weights: refused while any runs, and none starts until the merged
+    # weights and the merged state are both in place (else a call could add the task twice).
+    with model.changing(f"merge task {task!r}"), torch.no_grad():
+        if merged_task(model) is not None:
+            raise RuntimeError(f"task {merged_task(model)!r} is already merged; unmerge() first (one merged task at a time)")
         for p, layer in layers:
-            w = layer.base.weight
-            state.originals[p] = w.detach().clone()
-            w.copy_(merged[p])
-    for layer in model._layers.values():
-        layer.merged_task = task
-    model.__dict__[_STATE] = state
+            state.originals[p] = originals[p]
+            layer.base.weight.copy_(merged[p])
+        for layer in model._layers.values():
+            layer.merged_task = task
+        model.__dict__[_STATE] = state
 
 
 def unmerge(model: Model) -> None:
@@ -127,10 +131,12 @@ def unmerge(model: Model) -> None:
     state = merged_state(model)
     if state is None:
         return
-    with torch.no_grad():
+    with model.changing("unmerge"), torch.no_grad():
+        if merged_state(model) is not state:
+            return  # another thread unmerged first
         for p, original in state.originals.items():
             model._layers[p].base.weight.copy_(original)
-    for layer in model._layers.values():
-        layer.merged_task = None
-    del model.__dict__[_STATE]
+        for layer in model._layers.values():
+            layer.merged_task = None
+        del model.__dict__[_STATE]
 
