@@ -73,6 +73,7 @@ setup(
         "torch>=2.4",
         "numpy",
         "safetensors>=0.4",
+        "regex>=2022.1.18",  # PEFT configs' patterns matched with a time limit
         "triton>=3.0; platform_system == 'Linux'",
         "tqdm",
     ],

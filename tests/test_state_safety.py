@@ -409,3 +409,57 @@ def test_new_task_is_visible_only_with_its_weights(tmp_path):
         poller.join(30)
     assert not poller.is_alive()
     assert not bad, f"{len(bad)} of {len(seen)} first calls saw a task before its weights were loaded"
+
+
+# --- item 6: hostile PEFT patterns finish in bounded time with the library's error -----------------
+_HOSTILE = r'''
+import json, sys, time, collections
+import torch
+from torch import nn
+import lora_kernels as lk
+from lora_kernels.io import CheckpointError
+
+folder = sys.argv[1]
+torch.manual_seed(0)
+net = nn.Sequential(collections.OrderedDict(encoder_block_number_one_projection=nn.Linear(8, 8)))
+m = lk.Model(net).add_task("a", rank=2)
+m.save_peft_adapter(folder, task="a")
+config = json.load(open(folder + "/adapter_config.json"))
+cases = {
+    "target_modules": {**config, "target_modules": "(.*.*)*X"},
+    "exclude_modules": {**config, "target_modules": ["encoder_block_number_one_projection"], "exclude_modules": "(.*.*)*X"},
+    "rank_pattern": {**config, "rank_pattern": {"(.*.*)*X": 4}},
+    "layers_pattern": {**config, "layers_to_transform": [0], "layers_pattern": "(unclosed",
+                       "target_modules": ["encoder_block_number_one_projection"]},
+}
+for name, cfg in cases.items():
+    json.dump(cfg, open(folder + "/adapter_config.json", "w"))
+    t = time.time()
+    try:
+        lk.Model(nn.Sequential(collections.OrderedDict(encoder_block_number_one_projection=nn.Linear(8, 8)))).load_peft_adapter(folder, task="x")
+        outcome = "loaded"
+    except CheckpointError:
+        outcome = "refused"
+    print(name, outcome, round(time.time() - t, 3), flush=True)
+    assert time.time() - t < 10, name
+'''
+
+
+def test_hostile_peft_patterns_finish_quickly(tmp_path):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = tmp_path / "hostile.py"
+    script.write_text(_HOSTILE)
+    root = str(pathlib.Path(lk.__file__).resolve().parent.parent)  # this checkout, not an installed copy
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        done = subprocess.run([sys.executable, str(script), str(tmp_path / "adapter")], capture_output=True, text=True,
+                              timeout=120, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a hostile PEFT pattern hung the process (catastrophic backtracking)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.split("\n")
+    assert [line.split()[0] for line in lines if line] == ["target_modules", "exclude_modules", "rank_pattern", "layers_pattern"]

@@ -30,6 +30,7 @@ import warnings
 from collections import Counter
 from typing import Any, Mapping
 
+import regex
 import torch
 from torch import Tensor
 
@@ -42,6 +43,22 @@ from ..validation import refuse as _refuse
 from .checkpoint import atomic_save_safetensors, atomic_write_text, load_into_task, parse_json, read_safetensors
 
 __all__ = ["load_peft_adapter", "save_peft_adapter"]
+
+# User patterns (target_modules, exclude_modules, rank/alpha_pattern, layers_pattern) come from the
+# file: matched with the `regex` engine under a time limit, because Python's `re` backtracks
+# without bound (`(.*.*)*X` runs for minutes). Limits are far above any real config's needs.
+MAX_PATTERN = 1000
+MATCH_SECONDS = 1.0
+
+
+def _bounded(fn, pattern: str, path: str):
+    try:
+        return fn(pattern, path, timeout=MATCH_SECONDS)
+    except TimeoutError:
+        raise CheckpointError(f"refusing to load the PEFT config (nothing was changed): pattern {pattern!r} takes over "
+                              f"{MATCH_SECONDS:g} s to match '{path}' (catastrophic backtracking); simplify it") from None
+    except (regex.error, re.error) as e:
+        raise CheckpointError(f"refusing to load the PEFT config (nothing was changed): pattern {pattern!r}: {e}") from None
 
 
 def _module_key(path: str, name: str) -> str:
@@ -145,10 +162,16 @@ class _PeftLora:
         for pattern in [*(self.rank_pattern if isinstance(self.rank_pattern, dict) else ()),
                         *(self.alpha_pattern if isinstance(self.alpha_pattern, dict) else ()),
                         *([self.targets] if isinstance(self.targets, str) else []),
-                        *([self.exclude] if isinstance(self.exclude, str) else [])]:
+                        *([self.exclude] if isinstance(self.exclude, str) else []),
+                        *(self.layers_pattern if isinstance(self.layers_pattern, list) else [])]:
+            if not isinstance(pattern, str):
+                continue  # reported above
+            if len(pattern) > MAX_PATTERN:
+                errors.append(f"pattern of {len(pattern)} characters refused (at most {MAX_PATTERN})")
+                continue
             try:
-                re.compile(pattern)
-            except re.error as e:
+                regex.compile(pattern)
+            except (regex.error, re.error, RecursionError, OverflowError) as e:
                 errors.append(f"pattern {pattern!r} is not a valid regular expression: {e}")
         if errors:
             raise _refuse(source, [f"unsupported or invalid {CONFIG_NAME}:"] + errors)
@@ -157,7 +180,7 @@ class _PeftLora:
     def _pattern(patterns: Mapping[str, Any], path: str) -> str | None:
         """PEFT's ``get_pattern_key``: the first pattern matching a suffix of ``path``."""
         for key in patterns:
-            if re.match(rf"(.*\.)?({key})$", path):
+            if _bounded(regex.match, rf"(.*\.)?({key})$", path):
                 return key
         return None
 
@@ -173,12 +196,12 @@ class _PeftLora:
         """Whether PEFT targets the module at ``path`` (None: cannot tell, e.g. ``all-linear``)."""
         if self.targets is None or self.targets == "all-linear":
             return None
-        if isinstance(self.exclude, str) and re.fullmatch(self.exclude, path):
+        if isinstance(self.exclude, str) and _bounded(regex.fullmatch, self.exclude, path):
             return False
         if isinstance(self.exclude, list) and (path in self.exclude or any(path.endswith("." + e) for e in self.exclude)):
             return False
         if isinstance(self.targets, str):
-            return re.fullmatch(self.targets, path) is not None
+            return _bounded(regex.fullmatch, self.targets, path) is not None
         if path in self.targets:
             return True
         if not any(path.endswith("." + t) for t in self.targets):
@@ -189,7 +212,7 @@ class _PeftLora:
                 m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
             else:
                 for pattern in self.layers_pattern:
-                    m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+                    m = _bounded(regex.match, rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
                     if m:
                         break
             return m is not None and int(m.group("idx")) in self.layers
