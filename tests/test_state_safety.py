@@ -463,3 +463,47 @@ def test_hostile_peft_patterns_finish_quickly(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.split("\n")
     assert [line.split()[0] for line in lines if line] == ["target_modules", "exclude_modules", "rank_pattern", "layers_pattern"]
+
+
+# --- item 7 and 12: saves are atomic and keep permissions -------------------------------------------
+def test_save_peft_adapter_is_all_or_nothing(tmp_path, monkeypatch):
+    """A crash while writing the second file leaves the previous adapter folder whole."""
+    from lora_kernels.io import checkpoint
+
+    m = _model()
+    folder = tmp_path / "adapter"
+    m.save_peft_adapter(folder, task="t1")
+    (folder / "README.md").write_text("kept")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with torch.no_grad():
+        for p in m.task_parameters("t1").values():
+            p.mul_(2)
+
+    def crash(path, text):
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(checkpoint, "atomic_write_text", crash)
+    monkeypatch.setattr("lora_kernels.io.peft.atomic_write_text", crash)
+    with pytest.raises(KeyboardInterrupt):
+        m.save_peft_adapter(folder, task="t1")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp folder left behind
+    monkeypatch.undo()
+    m.save_peft_adapter(folder, task="t1")
+    assert (folder / "README.md").read_text() == "kept"
+    m2 = _model()
+    m2.load_peft_adapter(folder, task="t1")
+    for k, v in m.state_dict(task="t1").items():
+        torch.testing.assert_close(m2.state_dict(task="t1")[k], v)
+
+
+def test_resave_keeps_file_permissions(tmp_path):
+    import os
+    import stat
+
+    m = _model()
+    path = tmp_path / "t1.safetensors"
+    m.save_task(path, task="t1")
+    os.chmod(path, 0o644)
+    m.save_task(path, task="t1")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644

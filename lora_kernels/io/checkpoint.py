@@ -65,6 +65,7 @@ def atomic_save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLi
         save_file(cpu, tmp, metadata=dict(metadata))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(path, 0o666))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -80,10 +81,63 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(path, 0o666))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+def _mode_for(path: str, default: int) -> int:
+    """The permissions a rewritten ``path`` keeps (its own when it exists, else ``default`` less the
+    umask): temp files are created 0600, and a re-save must not turn a shared 0644 file private."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0o022)  # read the umask (there is no other way), then put it back
+        os.umask(umask)
+        return default & ~umask
+
+
+def atomic_save_folder(path: str | os.PathLike, files: Mapping[str, Any]) -> None:
+    """Write several files as one folder, all or nothing: into a temporary folder next to ``path``,
+    then swapped in by renames. ``files`` maps a file name to ``write(file_path)``.
+
+    Files of an existing folder that are not rewritten (a README, a tokenizer) are carried over. A
+    crash never leaves a mix of old and new files under ``path``: at worst (between the two renames)
+    the old folder waits under ``.<name>.*.old`` and the new one under ``.<name>.*.tmp``.
+    """
+    import shutil
+
+    folder = os.path.abspath(os.fspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"'{folder}' exists and is not a folder")
+    parent, name = os.path.split(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix="." + name + ".", suffix=".tmp")
+    try:
+        for file_name, write in files.items():
+            write(os.path.join(tmp, file_name))
+        if os.path.isdir(folder):
+            for entry in os.listdir(folder):
+                if entry in files:
+                    continue
+                src = os.path.join(folder, entry)
+                if os.path.isdir(src) and not os.path.islink(src):
+                    shutil.copytree(src, os.path.join(tmp, entry), symlinks=True)
+                else:
+                    shutil.copy2(src, os.path.join(tmp, entry), follow_symlinks=False)
+        os.chmod(tmp, _mode_for(folder, 0o777))
+        if os.path.isdir(folder):
+            old = tmp[: -len(".tmp")] + ".old"
+            os.rename(folder, old)
+            os.rename(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -40,7 +40,7 @@ from ..validation import CheckpointError
 from ..validation import is_int as _is_int
 from ..validation import is_num as _is_num
 from ..validation import refuse as _refuse
-from .checkpoint import atomic_save_safetensors, atomic_write_text, load_into_task, parse_json, read_safetensors
+from .checkpoint import atomic_save_folder, atomic_save_safetensors, atomic_write_text, load_into_task, parse_json, read_safetensors
 
 __all__ = ["load_peft_adapter", "save_peft_adapter"]
 
@@ -421,7 +421,6 @@ def save_peft_adapter(model: Model, path: str | os.PathLike, task: str, *, task_
         emb = isinstance(model._layers[p], LoRAEmbedding)
         tensors[PREFIX + _module_key(p, "lora_embedding_A" if emb else "lora_A.weight")] = ad.lora_A.weight
         tensors[PREFIX + _module_key(p, "lora_embedding_B" if emb else "lora_B.weight")] = ad.lora_B.weight
-    folder = os.fspath(path)
-    os.makedirs(folder, exist_ok=True)
-    atomic_save_safetensors(tensors, os.path.join(folder, WEIGHTS_NAME), {"format": "pt"})
-    atomic_write_text(os.path.join(folder, CONFIG_NAME), json.dumps(cfg, indent=2) + "\n")
+    # Both files or neither: a crash between them must never pair new weights with an old config.
+    atomic_save_folder(path, {WEIGHTS_NAME: lambda f: atomic_save_safetensors(tensors, f, {"format": "pt"}),
+                              CONFIG_NAME: lambda f: atomic_write_text(f, json.dumps(cfg, indent=2) + "\n")})
