@@ -29,6 +29,7 @@ __all__ = ["Model", "TaskConfig"]
 # a task inside its change.
 _TASKS_LOCK = threading.RLock()
 _ALL = ""  # the in-flight key counting every call (task names are never empty)
+_MAX_SCALE = 1e30  # far above any real alpha / rank, far below float32's 3.4e38
 
 
 @dataclass
@@ -172,8 +173,11 @@ class Model(nn.Module):
             r = _rule(rank, path, layer.default_rank())
             layer.check_rank(r)
             a = _rule(alpha, path, math.sqrt(r) if rslora else r)
-            if not isinstance(a, numbers.Real) or isinstance(a, bool) or not math.isfinite(a) or a == 0:
+            if not is_num(a) or a == 0:
                 raise ValueError(f"alpha for layer '{path}' must be a finite non-zero number, got {a!r}")
+            scale = float(a) / (math.sqrt(r) if rslora else r)
+            if not abs(scale) <= _MAX_SCALE:  # fp32 scales would overflow and every forward would fail
+                raise ValueError(f"alpha {a!r} for layer '{path}' gives scale {scale:g}; |scale| must be at most {_MAX_SCALE:g}")
             adapter = layer.make_adapter(r, float(a), rslora, float(dropout))
             adapter.reset(init)
             config.ranks[path], config.alphas[path] = r, float(a)
@@ -317,6 +321,8 @@ class Model(nn.Module):
                 raise ValueError("pass task= or tasks=, not both")
             if isinstance(tasks, str):
                 task = tasks
+            elif isinstance(tasks, Mapping):  # would silently drop the weights
+                raise TypeError("tasks= takes a list of names (an equal-weight sum); for weights pass task={name: weight}")
             else:
                 names = list(tasks)
                 if len(set(names)) != len(names):

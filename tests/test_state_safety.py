@@ -507,3 +507,96 @@ def test_resave_keeps_file_permissions(tmp_path):
     os.chmod(path, 0o644)
     m.save_task(path, task="t1")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+def test_fifo_is_refused_not_waited_on(tmp_path):
+    import os
+    import threading
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this OS")
+    path = tmp_path / "pipe.safetensors"
+    os.mkfifo(path)
+    out = {}
+
+    def load():
+        try:
+            _model().load_task(path, task="x")
+        except Exception as e:
+            out["e"] = e
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(20)
+    if t.is_alive():  # unblock the reader so the thread ends, then fail
+        with open(path, "wb"):
+            pass
+        t.join(5)
+        pytest.fail("load_task blocked on a FIFO")
+    assert isinstance(out.get("e"), CheckpointError) and "regular file" in str(out["e"])
+
+
+# --- item 12: the smaller ones -------------------------------------------------------------------------
+def test_tasks_dict_is_refused_not_unweighted():
+    m = _model()
+    with pytest.raises(TypeError, match="task=\\{name: weight\\}"):
+        m(torch.randn(2, 12), tasks={"t0": 2.0, "t1": 0.5})
+
+
+@pytest.mark.parametrize("alpha", [1e300, 10 ** 400, -1e40])
+def test_absurd_alphas_are_refused_with_value_error(alpha):
+    m = _model()
+    with pytest.raises(ValueError, match="alpha"):
+        m.add_task("x", rank=2, alpha=alpha)
+    assert m.tasks == ["t0", "t1", "t2", "t3"]
+
+
+def test_float8_state_dict_gets_the_library_error():
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8 in this torch")
+    m = _model()
+    sd = {k: v.to(torch.float8_e4m3fn) for k, v in m.state_dict(task="t1").items()}
+    sd = {k: torch.full_like(v, float("nan")) if i == 0 else v for i, (k, v) in enumerate(sd.items())}
+    before = _snap(m)
+    try:
+        m.load_state_dict(sd, task="t1")  # NaN in float8 loads (torch's policy), or is refused: both fine ...
+    except CheckpointError:
+        assert _same(before, _snap(m))
+    from lora_kernels.io import checkpoint
+
+    errors = checkpoint._check_value("k", sd[next(iter(sd))], sd[next(iter(sd))].shape, torch.float32)
+    assert errors and "NaN" in errors[0]  # ... but never a NotImplementedError
+
+
+def test_full_checkpoint_keeps_task_order_and_refuses_fp16_overflow(tmp_path):
+    torch.manual_seed(0)
+    m = lk.Model(nn.Sequential(nn.Linear(4, 4)))
+    for name in ["zeta", "alpha", "mid"]:
+        m.add_task(name, rank=1)
+    lk.io.save_checkpoint(m, tmp_path / "full.safetensors")
+    fresh = lk.Model(nn.Sequential(nn.Linear(4, 4)))
+    lk.io.load_checkpoint(fresh, tmp_path / "full.safetensors")
+    assert fresh.tasks == ["zeta", "alpha", "mid"]
+    assert [k for k, _ in fresh.named_parameters()] == [k for k, _ in m.named_parameters()]
+    with torch.no_grad():
+        m.model[0].base.weight[0, 0] = 1e6  # finite in fp32, inf in fp16
+    lk.io.save_checkpoint(m, tmp_path / "big.safetensors")
+    half = lk.Model(nn.Sequential(nn.Linear(4, 4))).half()
+    with pytest.raises(CheckpointError, match="overflow"):
+        lk.io.load_checkpoint(half, tmp_path / "big.safetensors")
+    assert half.tasks == []
+
+
+def test_base_training_while_merged_survives_unmerge():
+    m = _model()
+    x = torch.randn(3, 12)
+    m.merge("t1")
+    w = m.model[0].base.weight
+    with torch.no_grad():
+        w.add_(0.25)  # e.g. an optimizer step on the base while merged
+    with pytest.warns(UserWarning, match="changed while task 't1' was merged"):
+        m.unmerge()
+    ref = _model()
+    with torch.no_grad():
+        ref.model[0].base.weight.add_(0.25)
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)

@@ -164,6 +164,8 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
         raise FileNotFoundError(f"no such file: '{path}'")
     if os.path.isdir(path):
         raise _refuse(source, "it is a folder, not a safetensors file (a PEFT adapter folder loads with load_peft_adapter)")
+    if not os.path.isfile(path):  # a FIFO or device would block the read (or never end)
+        raise _refuse(source, "it is not a regular file (a pipe, socket or device); write it to a file first")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(9)
@@ -528,7 +530,9 @@ def load_full_state_dict(model: Model, sd: Mapping[str, Tensor], configs: Mappin
 def _load_full(model, sd, configs, source, parsed, task_sds, base_targets, task_targets, staged_base, staged_tasks) -> None:
     created = []
     try:  # new tasks are created with their weights (published complete); existing ones are written below
-        for t in task_sds:
+        # The checkpoint's task order (its configs; safetensors sorts the tensors' keys): every
+        # process of a DDP job must create tasks, hence parameters, in the same order.
+        for t in [*(t for t in parsed if t in task_sds), *(t for t in task_sds if t not in parsed)]:
             if t not in model._tasks:
                 config, custom = parsed[t]
                 model.add_task(t, rank=dict(config.ranks), alpha=dict(config.alphas), dropout=config.dropout, init=config.init,

@@ -23,6 +23,7 @@ layers whose weight is tied to another parameter (merging would change that one 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,14 @@ _STATE = "_lora_kernels_merged"
 class MergedState:
     task: str
     originals: dict[str, Tensor] = field(default_factory=dict)  # layer path -> copy of its original weight
+    stamps: dict[str, tuple] = field(default_factory=dict)  # layer path -> fingerprint of the merged weight
+
+
+def _stamp(w: Tensor) -> tuple:
+    """Fingerprint of a weight: its version counter (in-place writes, optimizer steps), its storage
+    (``p.data = ...``) and two sums (writes through ``.data`` that bump no counter)."""
+    d = w.detach().double()
+    return w._version, w.data_ptr(), float(d.sum()), float(d.abs().sum())
 
 
 def merged_state(model: Model) -> MergedState | None:
@@ -121,22 +130,38 @@ def merge(model: Model, task: str) -> None:
         for p, layer in layers:
             state.originals[p] = originals[p]
             layer.base.weight.copy_(merged[p])
+        for p, layer in layers:
+            state.stamps[p] = _stamp(layer.base.weight)
         for layer in model._layers.values():
             layer.merged_task = task
         model.__dict__[_STATE] = state
 
 
 def unmerge(model: Model) -> None:
-    """Restore the base weights saved by :func:`merge` exactly. A no-op when nothing is merged."""
+    """Restore the base weights saved by :func:`merge` exactly. A no-op when nothing is merged.
+
+    A weight that changed while merged (training the base, a load) keeps its change: ``W − ΔW``
+    instead of the saved original (with a warning), never a silent loss of that training.
+    """
     state = merged_state(model)
     if state is None:
         return
+    changed = []
     with model.changing("unmerge"), torch.no_grad():
         if merged_state(model) is not state:
             return  # another thread unmerged first
         for p, original in state.originals.items():
-            model._layers[p].base.weight.copy_(original)
+            layer = model._layers[p]
+            w = layer.base.weight
+            if _stamp(w) == state.stamps.get(p):
+                w.copy_(original)  # unchanged since merge: the original, bit for bit
+            else:  # trained (or written) while merged: keep that change, take the task's ΔW back out
+                w.copy_((w.detach().float() - delta_weight(layer, layer.adapters[state.task]).to(w.device)).to(w.dtype))
+                changed.append(p)
         for layer in model._layers.values():
             layer.merged_task = None
         del model.__dict__[_STATE]
+    if changed:
+        warnings.warn(f"base weights of {changed} changed while task {state.task!r} was merged; unmerge() kept those changes "
+                      "and subtracted the task's ΔW (not the bit-exact original)", stacklevel=3)
 
