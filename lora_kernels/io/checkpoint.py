@@ -475,9 +475,9 @@ def full_state_dict(model: Model) -> dict[str, Tensor]:
     if merged_task(model) is not None:
         raise RuntimeError(f"task {merged_task(model)!r} is merged into the base weights; unmerge() before taking a full state dict")
     out = dict(model.state_dict())
-    for t in model._tasks:
-        for k, v in model._task_state(t).items():
-            out[f"{TASK_PREFIX}{t}.{k}"] = v
+    for t in model.tasks:
+        for k, v in model.state_dict(task=t, keep_vars=True).items():  # the live tensors (pool slots), detached
+            out[f"{TASK_PREFIX}{t}.{k}"] = v.detach()
     return out
 
 
