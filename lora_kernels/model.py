@@ -120,6 +120,11 @@ class Model(nn.Module):
         """The adapted layers by their path in the original model."""
         return dict(self._layers)
 
+    @property
+    def merged_task(self) -> str | None:
+        """The task folded into the base weights by :meth:`merge`, or None."""
+        return next((layer.merged_task for layer in self._layers.values() if layer.merged_task is not None), None)
+
     def task_config(self, task: str) -> TaskConfig:
         self._check_task(task)
         return self._tasks[task]
@@ -279,6 +284,8 @@ class Model(nn.Module):
             with _TASKS_LOCK:
                 for n in names:
                     self._in_flight[n] -= 1
+                    if not self._in_flight[n]:
+                        del self._in_flight[n]  # only running calls are kept: no growth with task names
 
     @contextlib.contextmanager
     def changing(self, what: str, tasks: Iterable[str] | None = None) -> Iterator[None]:
@@ -459,9 +466,7 @@ class Model(nn.Module):
 
     def _refuse_if_merged(self, what: str, task: str | None = None) -> None:
         """Changing the merged task (or, task None, the base) while merged would be undone or lost by unmerge()."""
-        from .io.merge import merged_task
-
-        merged = merged_task(self)
+        merged = self.merged_task
         if merged is not None and (task is None or task == merged):
             raise RuntimeError(f"cannot {what} while task {merged!r} is merged into the base weights; call unmerge() first")
 

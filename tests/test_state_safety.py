@@ -620,7 +620,7 @@ def _tensor_bytes() -> int:
     gc.collect()
     seen, total = set(), 0
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+        if issubclass(type(obj), torch.Tensor) and not obj.is_meta:  # (isinstance trips deprecated proxies)
             s = obj.untyped_storage()
             if s.data_ptr() not in seen:
                 seen.add(s.data_ptr())

@@ -249,11 +249,11 @@ def config_from_dict(obj: Any, what: str) -> tuple[TaskConfig, list[str]]:
 
 
 def custom_modules(model: Model, task: str) -> list[str]:
-    return [p for p, layer in model._layers.items() if isinstance(layer, CustomLayer) and task in layer.adapters]
+    return [p for p, layer in model.layers.items() if isinstance(layer, CustomLayer) and task in layer.adapters]
 
 
 def task_module_paths(model: Model, task: str) -> list[str]:
-    return [p for p, layer in model._layers.items() if task in layer.adapters]
+    return [p for p, layer in model.layers.items() if task in layer.adapters]
 
 
 def _key(path: str, name: str) -> str:
@@ -301,16 +301,16 @@ def _prevalidate(model: Model, config: TaskConfig, custom: list[str], tensors: M
     """Checks possible before the task exists: module paths, key set and shapes of built-in layers."""
     errors = []
     paths = list(config.ranks) + custom
-    unknown = [p for p in paths if p not in model._layers]
+    unknown = [p for p in paths if p not in model.layers]
     if unknown:
-        return [f"module path(s) {unknown} are not adapted layers of this model; adapted layers: {list(model._layers)}"]
-    wrong_kind = [p for p in config.ranks if isinstance(model._layers[p], CustomLayer)]
-    wrong_kind += [p for p in custom if not isinstance(model._layers[p], CustomLayer)]
+        return [f"module path(s) {unknown} are not adapted layers of this model; adapted layers: {list(model.layers)}"]
+    wrong_kind = [p for p in config.ranks if isinstance(model.layers[p], CustomLayer)]
+    wrong_kind += [p for p in custom if not isinstance(model.layers[p], CustomLayer)]
     if wrong_kind:
         return [f"module path(s) {wrong_kind} are of another layer kind in this model (custom vs built-in)"]
     targets: dict[str, tuple] = {}
     for p, r in config.ranks.items():
-        shapes = expected_shapes(model._layers[p], r)
+        shapes = expected_shapes(model.layers[p], r)
         if shapes is None:
             continue
         targets[_key(p, "lora_A.weight")], targets[_key(p, "lora_B.weight")] = shapes
@@ -324,7 +324,7 @@ def _prevalidate(model: Model, config: TaskConfig, custom: list[str], tensors: M
         errors.append(f"unexpected keys: {unexpected}")
     for k, shape in targets.items():
         if k in tensors:
-            dtype = model._layers[k.rsplit(".", 2)[0] if k.count(".") >= 2 else ""].base.weight.dtype
+            dtype = model.layers[k.rsplit(".", 2)[0] if k.count(".") >= 2 else ""].base.weight.dtype
             errors += _check_value(k, tensors[k], shape, dtype)
     for k, v in tensors.items():  # custom layers' entries: their shapes are checked when the task is built
         if k not in targets and isinstance(v, Tensor) and v.dtype.is_floating_point and not bool(torch.isfinite(v).all()):
@@ -333,7 +333,7 @@ def _prevalidate(model: Model, config: TaskConfig, custom: list[str], tensors: M
 
 
 def _compatibility(model: Model, task: str, config: TaskConfig, custom: list[str]) -> list[str]:
-    have = model._tasks[task]
+    have = model.task_config(task)
     errors = []
     if set(have.ranks) != set(config.ranks) or set(custom_modules(model, task)) != set(custom):
         mine = set(task_module_paths(model, task))
@@ -369,14 +369,14 @@ def load_into_task(model: Model, task: str, config: TaskConfig | None, custom: l
 
     if not isinstance(task, str):
         raise TypeError(f"a task name is a str, got {type(task).__name__}: {task!r}")
-    if task in model._tasks:
+    if task in model.tasks:
         if merged_task(model) == task:
             raise _refuse(source, f"task {task!r} is merged into the base weights; unmerge() before replacing its weights")
         if config is not None:
             errors = _compatibility(model, task, config, custom)
             if errors:
                 raise _refuse(source, [f"the file does not fit the existing task {task!r}:"] + errors)
-        targets = model._task_state(task, keep_vars=True)
+        targets = model.state_dict(task=task, keep_vars=True)
         errors = _check_tensors(tensors, targets)
         if errors:
             raise _refuse(source, errors)
@@ -395,7 +395,7 @@ def load_into_task(model: Model, task: str, config: TaskConfig | None, custom: l
         raise _refuse(source, errors)
     try:  # the weights are written before the task is published: no call sees its fresh init
         model.add_task(task, rank=dict(config.ranks), alpha=dict(config.alphas), dropout=config.dropout, init=config.init,
-                       rslora=config.rslora, modules=[p for p in model._layers if p in config.ranks or p in custom],
+                       rslora=config.rslora, modules=[p for p in model.layers if p in config.ranks or p in custom],
                        weights=tensors)
     except (ValueError, TypeError, RuntimeError) as e:
         raise _refuse(source, f"the task could not be created: {e}") from None
@@ -406,10 +406,10 @@ def save_task(model: Model, path: str | os.PathLike, task: str) -> None:
     """Write ``task`` to ``path`` (safetensors) with its config as metadata, atomically."""
     from .. import __version__
 
-    model._check_task(task)
-    config = model._tasks[task]
+    model.task_config(task)  # (checks the name)
+    config = model.task_config(task)
     meta = {"format": FORMAT, "version": __version__, "task": task, **config_to_dict(config, custom_modules(model, task))}
-    atomic_save_safetensors(model._task_state(task), path, {"format": "pt", META_KEY: json.dumps(meta)})
+    atomic_save_safetensors(model.state_dict(task=task), path, {"format": "pt", META_KEY: json.dumps(meta)})
 
 
 def read_task_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], TaskConfig | None, list[str]]:
@@ -438,7 +438,7 @@ def load_task(model: Model, path: str | os.PathLike, task: str) -> None:
 # --- full checkpoints: base + every task ----------------------------------------------------------
 def task_configs(model: Model) -> dict[str, dict[str, Any]]:
     """Every task's config as JSON-able dicts, in task order (rebuild them with :func:`add_tasks`)."""
-    return {t: config_to_dict(c, custom_modules(model, t)) for t, c in model._tasks.items()}
+    return {t: config_to_dict(c, custom_modules(model, t)) for t, c in ((t, model.task_config(t)) for t in model.tasks)}
 
 
 def add_tasks(model: Model, configs: Mapping[str, Any]) -> None:
@@ -449,16 +449,16 @@ def add_tasks(model: Model, configs: Mapping[str, Any]) -> None:
     parsed = {t: config_from_dict(c, f"config of task {t!r}") for t, c in configs.items()}
     errors = []
     for t, (config, custom) in parsed.items():
-        if t in model._tasks:
+        if t in model.tasks:
             errors += _compatibility(model, t, config, custom)
     if errors:
         raise CheckpointError("refusing to add the tasks (nothing was changed):\n  " + "\n  ".join(errors))
     created = []
     try:
         for t, (config, custom) in parsed.items():
-            if t not in model._tasks:
+            if t not in model.tasks:
                 model.add_task(t, rank=dict(config.ranks), alpha=dict(config.alphas), dropout=config.dropout, init=config.init,
-                               rslora=config.rslora, modules=[p for p in model._layers if p in config.ranks or p in custom])
+                               rslora=config.rslora, modules=[p for p in model.layers if p in config.ranks or p in custom])
                 created.append(t)
     except BaseException:
         for t in created:
@@ -506,13 +506,13 @@ def load_full_state_dict(model: Model, sd: Mapping[str, Tensor], configs: Mappin
     base_targets = model.state_dict(keep_vars=True)
     _, _, base_errors = model.state_errors(base_sd, base_targets)
     errors = [f"base: {e}" for e in base_errors]
-    extra_tasks = [t for t in model._tasks if t not in task_sds]
+    extra_tasks = [t for t in model.tasks if t not in task_sds]
     if extra_tasks:
         errors.append(f"the model has task(s) {extra_tasks} that the checkpoint lacks (remove_task them first)")
     for t, tsd in task_sds.items():
-        if t in model._tasks:
+        if t in model.tasks:
             compat = _compatibility(model, t, *parsed[t]) if t in parsed else []
-            errors += compat or [f"task {t!r}: {e}" for e in _check_tensors(tsd, model._task_state(t, keep_vars=True))]
+            errors += compat or [f"task {t!r}: {e}" for e in _check_tensors(tsd, model.state_dict(task=t, keep_vars=True))]
         elif t not in parsed:
             errors.append(f"task {t!r} is not in the model and the checkpoint carries no config for it")
         else:
@@ -520,7 +520,7 @@ def load_full_state_dict(model: Model, sd: Mapping[str, Tensor], configs: Mappin
     if errors:
         raise _refuse(source, errors)
     # Existing tasks and the base: converted before anything is written or created.
-    task_targets = {t: model._task_state(t, keep_vars=True) for t in task_sds if t in model._tasks}
+    task_targets = {t: model.state_dict(task=t, keep_vars=True) for t in task_sds if t in model.tasks}
     staged_base = stage(base_sd, base_targets, source)
     staged_tasks = {t: stage(task_sds[t], targets, source) for t, targets in task_targets.items()}
     with model.changing("load a full checkpoint"):
@@ -533,10 +533,10 @@ def _load_full(model, sd, configs, source, parsed, task_sds, base_targets, task_
         # The checkpoint's task order (its configs; safetensors sorts the tensors' keys): every
         # process of a DDP job must create tasks, hence parameters, in the same order.
         for t in [*(t for t in parsed if t in task_sds), *(t for t in task_sds if t not in parsed)]:
-            if t not in model._tasks:
+            if t not in model.tasks:
                 config, custom = parsed[t]
                 model.add_task(t, rank=dict(config.ranks), alpha=dict(config.alphas), dropout=config.dropout, init=config.init,
-                               rslora=config.rslora, modules=[p for p in model._layers if p in config.ranks or p in custom],
+                               rslora=config.rslora, modules=[p for p in model.layers if p in config.ranks or p in custom],
                                weights=task_sds[t])
                 created.append(t)
     except BaseException as e:
@@ -563,8 +563,8 @@ def save_checkpoint(model: Model, path: str | os.PathLike) -> None:
     if state is not None:
         for p, original in state.originals.items():
             sd[_key(p, "weight")] = original
-    for t in model._tasks:
-        for k, v in model._task_state(t).items():
+    for t in model.tasks:
+        for k, v in model.state_dict(task=t).items():
             sd[f"{TASK_PREFIX}{t}.{k}"] = v
     # Tied weights (one tensor under two keys) are stored once per key: safetensors refuses shared storage.
     meta = {"format": FORMAT, "version": __version__, "tasks": task_configs(model)}

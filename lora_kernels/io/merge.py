@@ -95,11 +95,11 @@ def _tied(model: Model) -> dict[int, list[str]]:
 
 def merge(model: Model, task: str) -> None:
     """Fold ``task`` into the base weights; see the module docstring. Nothing changes if it fails."""
-    model._check_task(task)
+    model.task_config(task)  # (checks the name)
     current = merged_task(model)
     if current is not None:
         raise RuntimeError(f"task {current!r} is already merged; unmerge() first (one merged task at a time)")
-    layers = [(p, layer) for p, layer in model._layers.items() if task in layer.adapters]
+    layers = [(p, layer) for p, layer in model.layers.items() if task in layer.adapters]
     custom = [p for p, layer in layers if isinstance(layer, CustomLayer)]
     if custom:
         raise ValueError(f"task {task!r} cannot be merged: layer(s) {custom} are registered custom types whose math is unknown here")
@@ -132,7 +132,7 @@ def merge(model: Model, task: str) -> None:
             layer.base.weight.copy_(merged[p])
         for p, layer in layers:
             state.stamps[p] = _stamp(layer.base.weight)
-        for layer in model._layers.values():
+        for layer in model.layers.values():
             layer.merged_task = task
         model.__dict__[_STATE] = state
 
@@ -151,14 +151,14 @@ def unmerge(model: Model) -> None:
         if merged_state(model) is not state:
             return  # another thread unmerged first
         for p, original in state.originals.items():
-            layer = model._layers[p]
+            layer = model.layers[p]
             w = layer.base.weight
             if _stamp(w) == state.stamps.get(p):
                 w.copy_(original)  # unchanged since merge: the original, bit for bit
             else:  # trained (or written) while merged: keep that change, take the task's ΔW back out
                 w.copy_((w.detach().float() - delta_weight(layer, layer.adapters[state.task]).to(w.device)).to(w.dtype))
                 changed.append(p)
-        for layer in model._layers.values():
+        for layer in model.layers.values():
             layer.merged_task = None
         del model.__dict__[_STATE]
     if changed:

@@ -248,7 +248,7 @@ def _read_weights(folder: str, allow_pickle: bool, source: str) -> dict[str, Ten
 
 
 def _padding_warning(model: Model, paths, verb: str) -> None:
-    pad = [p for p in paths if isinstance(model._layers[p], LoRAEmbedding) and model._layers[p].base.padding_idx is not None]
+    pad = [p for p in paths if isinstance(model.layers[p], LoRAEmbedding) and model.layers[p].base.padding_idx is not None]
     if pad:
         warnings.warn(f"{verb} embedding layer(s) {pad} with padding_idx: lora_kernels gives padding tokens no LoRA delta, "
                       "PEFT adds one, so outputs at padding positions differ", stacklevel=3)
@@ -314,7 +314,7 @@ def load_peft_adapter(model: Model, path: str | os.PathLike, task: str, *, allow
         raise _refuse(source, errors)
 
     # Modules, kinds, ranks.
-    unknown = [p for p in pairs if p not in model._layers]
+    unknown = [p for p in pairs if p not in model.layers]
     if unknown:
         errors.append(f"module(s) {unknown} are not adapted layers of this model (wrong base model?)")
     for p, sides in pairs.items():
@@ -323,9 +323,9 @@ def load_peft_adapter(model: Model, path: str | os.PathLike, task: str, *, allow
                 errors.append(f"module '{p}': lora_{side} is missing")
     if errors:
         raise _refuse(source, errors)
-    paths = [p for p in model._layers if p in pairs]  # the model's order
+    paths = [p for p in model.layers if p in pairs]  # the model's order
     for p in paths:
-        layer = model._layers[p]
+        layer = model.layers[p]
         is_emb = isinstance(layer, LoRAEmbedding)
         if isinstance(layer, CustomLayer) or is_emb != (kinds[p] == "embedding"):
             errors.append(f"module '{p}': the file holds {'embedding' if kinds[p] == 'embedding' else 'linear/conv'} LoRA weights "
@@ -340,7 +340,7 @@ def load_peft_adapter(model: Model, path: str | os.PathLike, task: str, *, allow
             errors.append(f"module '{p}': lora_A has shape {tuple(a.shape)}: rank must be > 0")
         elif a.shape[0] != lora.rank(p):
             errors.append(f"module '{p}': lora_A has rank {a.shape[0]} but the config gives r={lora.rank(p)} (r / rank_pattern)")
-    for p in model._layers:
+    for p in model.layers:
         selected = lora.selects(p)
         if selected is True and p not in pairs:
             errors.append(f"module '{p}' is selected by target_modules but has no weights in the file (missing keys "
@@ -382,12 +382,12 @@ def save_peft_adapter(model: Model, path: str | os.PathLike, task: str, *, task_
 
     ``task_type`` (e.g. ``"CAUSAL_LM"``) is written to the config for PEFT's model class choice.
     """
-    model._check_task(task)
-    config = model._tasks[task]
-    paths = [p for p, layer in model._layers.items() if task in layer.adapters]
+    model.task_config(task)  # (checks the name)
+    config = model.task_config(task)
+    paths = [p for p, layer in model.layers.items() if task in layer.adapters]
     errors = []
     for p in paths:
-        layer = model._layers[p]
+        layer = model.layers[p]
         if isinstance(layer, CustomLayer):
             errors.append(f"layer '{p}' is a registered custom type: PEFT cannot represent it")
         elif (problem := _conv_problem(layer)) is not None:
@@ -406,19 +406,19 @@ def save_peft_adapter(model: Model, path: str | os.PathLike, task: str, *, task_
     rank_pattern = {re.escape(p): config.ranks[p] for p in order if ambiguous or config.ranks[p] != r0}
     alpha_pattern = {re.escape(p): config.alphas[p] for p in order if ambiguous or config.alphas[p] != a0}
     targets: Any = ("^(?:" + "|".join(re.escape(p) for p in order) + ")$") if ambiguous else list(paths)
-    convs1d = [p for p in paths if isinstance(model._layers[p], LoRAHFConv1D)]
+    convs1d = [p for p in paths if isinstance(model.layers[p], LoRAHFConv1D)]
     name_or_path = getattr(getattr(model.model, "config", None), "name_or_path", None) or None
     cfg = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": name_or_path,
         "r": r0, "lora_alpha": a0, "lora_dropout": config.dropout, "use_rslora": config.rslora,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "target_modules": targets,
-        "fan_in_fan_out": bool(convs1d) and len(convs1d) == len([p for p in paths if not isinstance(model._layers[p], LoRAEmbedding)]),
+        "fan_in_fan_out": bool(convs1d) and len(convs1d) == len([p for p in paths if not isinstance(model.layers[p], LoRAEmbedding)]),
         "bias": "none", "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "use_dora": False,
     }
     tensors = {}
     for p in paths:
-        ad = model._layers[p].adapters[task]
-        emb = isinstance(model._layers[p], LoRAEmbedding)
+        ad = model.layers[p].adapters[task]
+        emb = isinstance(model.layers[p], LoRAEmbedding)
         tensors[PREFIX + _module_key(p, "lora_embedding_A" if emb else "lora_A.weight")] = ad.lora_A.weight
         tensors[PREFIX + _module_key(p, "lora_embedding_B" if emb else "lora_B.weight")] = ad.lora_B.weight
     # Both files or neither: a crash between them must never pair new weights with an old config.
