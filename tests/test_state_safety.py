@@ -644,3 +644,20 @@ def test_distinct_batches_hold_no_copies_of_the_adapters(backend):
             m(x, task=["t0", "t1", "t2", "t3", {"t0": 1.0 + i}, "t0"])
             m(x, task=[{"t1": 0.5 + i}, "t1", "t2", "t3", None, "t0"])
     assert _tensor_bytes() - start < adapters, "mixed batches left copies of the adapters behind"
+
+
+def test_rebound_parameter_survives_pool_growth_and_shrink():
+    """A parameter rebound with p.data = ... keeps its value when its pool grows or shrinks."""
+    m = _model()
+    p = m.task_parameters("t1")["0.lora_A.weight"]
+    new = torch.randn_like(p)
+    p.data = new.clone()
+    for i in range(6):  # grows the rank-2 pool
+        m.add_task(f"extra{i}", rank=2)
+    assert torch.equal(p.detach(), new)
+    for i in range(6):  # shrinks it
+        m.remove_task(f"extra{i}")
+    m.remove_task("t0")
+    m.remove_task("t2")
+    assert torch.equal(p.detach(), new)
+    _check(m, torch.randn(4, 12), "torch", rows=["t1", "t3", None, "t1"])

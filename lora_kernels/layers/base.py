@@ -125,7 +125,7 @@ class LoRALayer(nn.Module):
         if pool is not None:
             return name, adapter, kind, pool, (name,)
         # No free slot: a new pool with room to grow (doubling), built from copies of the live slots.
-        live = [(n, *old.views(n)) for n in old.index] if old is not None else []
+        live = [(n, *self._values(n)) for n in old.index] if old is not None else []
         pool = AdapterPool.build(live + [(name, a, b)], spare=len(live) + 1)
         return name, adapter, kind, pool, tuple(pool.index)
 
@@ -154,7 +154,7 @@ class LoRALayer(nn.Module):
         if not rest:
             del pools[kind]
         elif len(rest) * 4 <= pool.capacity:  # mostly free: give the memory back
-            pools[kind] = AdapterPool.build([(n, *pool.views(n)) for n in rest], spare=len(rest))
+            pools[kind] = AdapterPool.build([(n, *self._values(n)) for n in rest], spare=len(rest))
             self._point(pools[kind], rest)
         else:
             pools[kind] = pool.without_task(name)
@@ -171,6 +171,12 @@ class LoRALayer(nn.Module):
         for pool in pools.values():
             self._point(pool, list(pool.index))
         self._pools = pools
+
+    def _values(self, name: str) -> tuple[Tensor, Tensor]:
+        # The parameters' current values: a parameter rebound away from its slot (p.data = ...)
+        # holds the newer value, so a rebuilt pool copies from the parameters, never the old slots.
+        ad = self.adapters[name]
+        return ad.lora_A.weight.detach(), ad.lora_B.weight.detach()
 
     def _point(self, pool: AdapterPool, names) -> None:
         with torch.no_grad():

@@ -46,7 +46,7 @@ class AdapterPool:
     ``index[task] -> slot``; ``ranks [cap]`` int32 (0 for free slots) on the pool's device.
     """
 
-    __slots__ = ("a", "b", "index", "ranks", "_scales")
+    __slots__ = ("a", "b", "index", "ranks", "host_ranks", "_scales")
 
     def __init__(self, a: Tensor, b: Tensor, index: dict[str, int]):
         self.a, self.b, self.index = a, b, index
@@ -103,7 +103,7 @@ class AdapterPool:
         new = AdapterPool(self.a, self.b, {**self.index, name: free})
         new.ranks = [0] * self.a.shape[0]
         for n, s in new.index.items():
-            new.ranks[s] = r if n == name else int(self.ranks[s])
+            new.ranks[s] = r if n == name else self.host_ranks[s]
         new._freeze()
         return new
 
@@ -111,12 +111,14 @@ class AdapterPool:
         new = AdapterPool(self.a, self.b, {n: s for n, s in self.index.items() if n != name})
         new.ranks = [0] * self.a.shape[0]
         for n, s in new.index.items():
-            new.ranks[s] = int(self.ranks[s])
+            new.ranks[s] = self.host_ranks[s]
         new._freeze()
         return new
 
     def _freeze(self) -> None:
-        self.ranks = torch.tensor(self.ranks, dtype=torch.int32, device=self.a.device)
+        # Ranks on the host for the per-call checks (no device sync), and on the device for the kernels.
+        self.host_ranks = tuple(self.ranks)
+        self.ranks = torch.tensor(self.host_ranks, dtype=torch.int32, device=self.a.device)
 
     @property
     def capacity(self) -> int:
@@ -126,7 +128,7 @@ class AdapterPool:
     def views(self, name: str) -> tuple[Tensor, Tensor]:
         """Task ``name``'s slot: ``(a[i, :r], b[i, :, :r])``."""
         slot = self.index[name]
-        r = int(self.ranks[slot])
+        r = self.host_ranks[slot]
         return self.a[slot, :r], self.b[slot, :, :r]
 
     def holds(self, name: str, a: Tensor, b: Tensor) -> bool:
@@ -157,6 +159,8 @@ class AdapterPool:
 
 
 def _same_view(t: Tensor, view: Tensor) -> bool:
+    if type(t.data) is not Tensor:  # a DTensor (FSDP2) or other subclass: not a slot view
+        return False
     return (t.dtype == view.dtype and t.device == view.device and t.shape == view.shape and t.stride() == view.stride()
             and t.storage_offset() == view.storage_offset()
             and t.untyped_storage().data_ptr() == view.untyped_storage().data_ptr())
