@@ -97,6 +97,8 @@ ROUTES = [_in_place, _data_in_place, _data_rebind, _vector_to_parameters, _optim
 @pytest.mark.parametrize("route", ROUTES, ids=lambda f: f.__name__.strip("_"))
 @pytest.mark.parametrize("which", ["0.lora_A.weight", "2.lora_B.weight"])
 def test_every_write_route_is_seen_by_the_next_mixed_call(backend, route, which):
+    if backend == "triton" and which != "2.lora_B.weight":
+        pytest.skip("CI time: the interpreter runs one parameter per route (the pool logic is backend-independent)")
     _triton_or_skip(backend)
     m = _model()
     x = torch.randn(len(ROWS), 12)
@@ -129,7 +131,7 @@ def test_mix_slots_see_in_place_writes(backend):
     m = _model()
     rows = [{"t0": 1.0, "t1": 0.5}, "t2", {"t0": 1.0, "t1": 0.5}, "t3", None]
     x = torch.randn(len(rows), 12)
-    for _ in range(20):
+    for _ in range(6):
         _check(m, x, backend, rows)
         with torch.no_grad():
             m.task_parameters("t1")["0.lora_B.weight"].add_(0.1)
