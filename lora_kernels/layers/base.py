@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..ops.reference import segmented_delta
 from ..ops.routing import Routing
-from .pool import AdapterPool, _same_view as _same
+from .pool import AdapterPool
 from .routing import Mix, Route, current_route
 
 INITS = ("paper", "gaussian", "kaiming_both")
@@ -357,7 +357,9 @@ class LoRALayer(nn.Module):
         if pool is None:
             return None
         mapping = tuple(mapping)
-        pooled = routing.cached(("pool", pool, mapping), lambda: _remap(routing, mapping, pool.capacity))
+        # Depends on the slot layout only: layers whose pools share it (tasks added in the same
+        # order, the usual case) share one remapped routing per batch.
+        pooled = routing.cached(("pool", mapping, pool.capacity), lambda: _remap(routing, mapping, pool.capacity))
         return pool.a, pool.b, pool.scales(tuple(sorted(pairs.items()))), pool.ranks, pooled
 
     @staticmethod
@@ -371,10 +373,9 @@ class LoRALayer(nn.Module):
                 return False
         with torch.no_grad():
             for p, v in ((a, va), (b, vb)):
-                if not _same(p, v):
-                    v.copy_(p.data)
-                    p.data = v
-        return True
+                v.copy_(p.data)  # (a no-op copy when p already is the view)
+                p.data = v
+        return pool.holds(name, a, b)
 
     def add_slot_terms(self, y: Tensor, x: Tensor, routing: Routing, slot_weights: dict[int, list]) -> Tensor:
         """Add each present slot's LoRA term (from its :meth:`mix_weights`) into its rows of ``y``."""

@@ -46,7 +46,7 @@ class AdapterPool:
     ``index[task] -> slot``; ``ranks [cap]`` int32 (0 for free slots) on the pool's device.
     """
 
-    __slots__ = ("a", "b", "index", "ranks", "host_ranks", "_scales")
+    __slots__ = ("a", "b", "index", "ranks", "host_ranks", "_scales", "_sig")
 
     def __init__(self, a: Tensor, b: Tensor, index: dict[str, int]):
         self.a, self.b, self.index = a, b, index
@@ -119,6 +119,11 @@ class AdapterPool:
         # Ranks on the host for the per-call checks (no device sync), and on the device for the kernels.
         self.host_ranks = tuple(self.ranks)
         self.ranks = torch.tensor(self.host_ranks, dtype=torch.int32, device=self.a.device)
+        # Each slot view's address, shape and strides, for the per-call identity check (:meth:`holds`).
+        self._sig = {}
+        for n in self.index:
+            va, vb = self.views(n)
+            self._sig[n] = (va.data_ptr(), va.shape, va.stride(), vb.data_ptr(), vb.shape, vb.stride())
 
     @property
     def capacity(self) -> int:
@@ -132,13 +137,17 @@ class AdapterPool:
         return self.a[slot, :r], self.b[slot, :, :r]
 
     def holds(self, name: str, a: Tensor, b: Tensor) -> bool:
-        """Whether ``a`` and ``b`` are exactly the slot views of ``name`` (same storage, offset,
-        strides, shape, dtype, device): an identity check, so a rebound parameter is always caught."""
-        slot = self.index.get(name)
-        if slot is None:
+        """Whether ``a`` and ``b`` are exactly the slot views of ``name``: same address, shape,
+        strides and dtype. An identity check, not a cache key: the pool keeps its storage alive, so
+        no other memory can have that address, and a rebound parameter always fails it. A few
+        attribute reads per task and call (no tensor is created)."""
+        sig = self._sig.get(name)
+        if sig is None or a.dtype != self.a.dtype or b.dtype != self.a.dtype or a.device != self.a.device:
             return False
-        va, vb = self.views(name)
-        return _same_view(a, va) and _same_view(b, vb)
+        try:
+            return (a.data_ptr(), a.shape, a.stride(), b.data_ptr(), b.shape, b.stride()) == sig
+        except RuntimeError:  # tensor subclasses without storage (a DTensor of FSDP2, fake tensors)
+            return False
 
     def scales(self, pairs: tuple[tuple[int, float], ...]) -> Tensor:
         """``scales [cap]`` float32: ``scale`` at each ``(slot, scale)`` of ``pairs``, 0 elsewhere.
@@ -157,10 +166,3 @@ class AdapterPool:
             self._scales[pairs] = hit
         return hit
 
-
-def _same_view(t: Tensor, view: Tensor) -> bool:
-    if type(t.data) is not Tensor:  # a DTensor (FSDP2) or other subclass: not a slot view
-        return False
-    return (t.dtype == view.dtype and t.device == view.device and t.shape == view.shape and t.stride() == view.stride()
-            and t.storage_offset() == view.storage_offset()
-            and t.untyped_storage().data_ptr() == view.untyped_storage().data_ptr())
