@@ -18,6 +18,7 @@ kept between runs) ~40 s.
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -69,3 +70,17 @@ def test_aot_reports_compile_errors():
     bad = dict(constexprs, BK=8)
     with pytest.raises(RuntimeError, match="AOT compile|CompilationError|dot"):
         aot_compile(kernel, signature, bad, 90, warps, stages)
+
+
+_FLOAT_ATOMIC = re.compile(r"\b(?:atom|red)(?:\.global)?(?:\.\w+)*\.add(?:\.\w+)*\.f(?:32|16|64)\b|\b(?:atom|red)(?:\.\w+)*\.f32\.add")
+
+
+def test_default_path_has_no_float_atomics():
+    """Deterministic by default: no shipped config adds floats atomically (their order varies run
+    to run, so would the bits of h, y and the gradients). Checked on the sm_90 PTX of every spec."""
+    offenders = []
+    for name, kernel, signature, constexprs, num_warps, num_stages in SPECS:
+        res = aot_compile(kernel, signature, constexprs, 90, num_warps, num_stages)
+        if _FLOAT_ATOMIC.search(res.ptx):
+            offenders.append(name)
+    assert not offenders, f"float atomics (nondeterministic sums) in: {offenders}"

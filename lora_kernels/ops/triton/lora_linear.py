@@ -32,8 +32,10 @@ memory-bound, "decode", and larger M is compute-bound, "prefill"):
       only M*r*4 bytes. For decode with r > 64, A re-read per tile from L2 (N/BN * r*K*2 B = 128
       MiB at r = 256) would exceed the W stream, so the preceding kernel wins there too. With
       dropout the philox mask would be regenerated N/BN times in-tile; once is enough.
-  The preceding kernel splits K over programs (fp32 atomics into a zeroed h) when there are too
-  few row tiles to fill the GPU (decode: one row tile, K/BK/4 splits).
+  The preceding kernel splits K over programs when there are too few row tiles to fill the GPU
+  (decode: one row tile, K/BK/4 splits); each split writes its own fp32 partial and one small
+  reduction sums them in a fixed order. No atomics anywhere: forward and backward are bitwise
+  deterministic run to run (no opt-in nondeterministic path is offered).
 * **fp32 everywhere it matters:** all dots accumulate in fp32; h stays fp32; for 16-bit inputs the
   expand multiplies ``s*h`` split into a hi and a lo 16-bit part (two MMAs: 2*r/K extra work, 0.8 %
   at r = 16, K = 4096), so the LoRA term is as precise as fp32 h times the 16-bit B. fp32 inputs
@@ -225,15 +227,18 @@ def _lora_fused_kernel(
 def _shrink_kernel(
     x_ptr, a_ptr, h_ptr,
     M, K, R,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_hm,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_hs, stride_hm,
     h_scale, drop_p, seed,
     DROPOUT: tl.constexpr, SPLIT_K: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """h[M, R] (fp32) = h_scale * x_d @ A.T; with SPLIT_K > 1 atomically added into a zeroed h.
+    """h[M, R] (fp32) = h_scale * x_d @ A.T; with SPLIT_K > 1 program (m, s) writes the partial
+    sum of its K range to slice ``s`` of h [SPLIT_K, M, R], summed by the launcher in a fixed
+    order (no atomics: the bits of h do not depend on the order programs finish).
 
-    Shape: x [M, K], A [R, K] (by strides), h [M, R] fp32 with row stride ``stride_hm``.
+    Shape: x [M, K], A [R, K] (by strides), h [SPLIT_K, M, R] fp32 (slice stride ``stride_hs``,
+    row stride ``stride_hm``).
     Offsets as in ``_lora_fused_kernel``: int64 tile bases, int32 in-tile offsets.
     """
     pid_m = tl.program_id(0)
@@ -264,12 +269,8 @@ def _shrink_kernel(
         x_ptrs += BK * stride_xk
         a_ptrs += BK * stride_ak
     h = h * h_scale
-    h_ptrs = h_ptr + off_m * stride_hm + (lm[:, None] * stride_hm + rr[None, :])
-    h_mask = m_ok[:, None] & r_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(h_ptrs, h, mask=h_mask)
-    else:
-        tl.atomic_add(h_ptrs, h, mask=h_mask, sem="relaxed")
+    h_ptrs = h_ptr + pid_k.to(tl.int64) * stride_hs + off_m * stride_hm + (lm[:, None] * stride_hm + rr[None, :])
+    tl.store(h_ptrs, h, mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -462,19 +463,21 @@ def _launch_shrink(x2: Tensor, a_rk: Tensor, h_scale: float, drop_p: float, seed
     cfg = _shrink_cfg(r, elem)
     bk = _bk(cfg, elem, _aligned(x2.stride(0), a_rk.stride(0), a_rk.stride(1)))
     split = _split_k(m, k, cfg.BM, bk)
-    h = (torch.zeros if split > 1 else torch.empty)((m, r), dtype=torch.float32, device=x2.device)
+    h = torch.empty((split, m, r), dtype=torch.float32, device=x2.device)
     if m == 0:
-        return h
+        return h[0]
     grid = (triton.cdiv(m, cfg.BM), split)
     _shrink_kernel[grid](
         x2, a_rk, h, m, k, r,
-        x2.stride(0), x2.stride(1), a_rk.stride(0), a_rk.stride(1), h.stride(0),
+        x2.stride(0), x2.stride(1), a_rk.stride(0), a_rk.stride(1), h.stride(0), h.stride(1),
         float(h_scale), float(drop_p), int(seed),
         DROPOUT=drop_p > 0, SPLIT_K=split, BM=cfg.BM, BK=bk, BR=_pad_rank(r),
         EVEN_K=k % bk == 0, DOT_PREC=_dot_prec(x2.dtype), INTERPRET=_interpret(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return h
+    # The split partials ([split, M, r] fp32: 4 x 16 x 4 B per row at r = 16, tiny next to x) are
+    # summed in a fixed order by one small reduction: deterministic, where atomics were not.
+    return h[0] if split == 1 else h.sum(0)
 
 
 def _launch_dropout(x2: Tensor, drop_p: float, seed: int, write_mask: bool) -> Tensor:
@@ -736,7 +739,7 @@ def aot_specs(dtypes=(torch.bfloat16, torch.float32)) -> Iterator[tuple[str, obj
                                                           ("xA-odd", ("stride_xk", "stride_ak"), (), False, 1)):
                     sig = {"x_ptr": f"*{t}", "a_ptr": f"*{t}", "h_ptr": "*fp32", "M": "i32", "K": "i32", "R": "i32"}
                     sig.update({st: "constexpr" if st in units else "i32:16" if st in div16 else "i32"
-                                for st in ("stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_hm")})
+                                for st in ("stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_hs", "stride_hm")})
                     sig.update({"h_scale": "fp32", "drop_p": "fp32", "seed": "i32"})
                     consts = {st: 1 for st in units}
                     odd = use.endswith("odd")
