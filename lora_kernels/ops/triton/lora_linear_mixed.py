@@ -391,8 +391,8 @@ def _fused_config(m: int, elem: int, aligned: bool = True) -> FusedConfig:
         return FusedConfig(64, 32, 32, 4, 3)
     if m <= 16:  # decode: memory-bound GEMV-like; narrow N tiles give >= 128 CTAs for N = 4096
         return FusedConfig(16, 32, 128, 4, 3)  # 4 stages spilled 8 B on sm_80 next to the segment term
-    if m <= 128:
-        return FusedConfig(64, 64, 64, 4, 3)
+    if m <= 128:  # 64 x 32: 128 CTAs at N = 4096 fill an H200's 132 SMs (64 x 64 gave 64);
+        return FusedConfig(64, 32, 64, 4, 2)  # 3 stages spilled 16 B on Triton 3.6 / sm_80
     # A tile shared by several segments holds a second [BM, BN] fp32 term (see the kernel): at
     # 128 x 128 that spilled 112-352 B (AOT, sm_80 / sm_90); 128 x 64 over 8 warps fits.
     return FusedConfig(128, 64, 64, 8, 3)
@@ -421,7 +421,8 @@ def _bgmv_block_k(block_r: int) -> int:
 
 def _segsum_tile(elem: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps, num_stages) of the segmented weight-gradient reduction."""
-    return (32, 64, 4, 3) if elem == 2 else (32, 32, 4, 3)
+    # bf16: 3 stages spilled 8 B at r = 64 on Triton 3.6 / sm_80 once D and R carry the JIT's hints
+    return (32, 64, 4, 2) if elem == 2 else (32, 32, 4, 3)
 
 
 def _shrink(x: Tensor, a_strides, a: Tensor, scales: Tensor, ranks: Tensor | None, order: Tensor, sorted_ids: Tensor,
@@ -698,8 +699,13 @@ _LAYOUTS = {  # (kernel, use): (unit strides, strides divisible by 16)
 }
 
 
-def _signature(kernel, dtype: str, use: tuple[str, str], constexprs: dict, aligned: bool) -> tuple[dict, dict]:
+def _signature(kernel, dtype: str, use: tuple[str, str], constexprs: dict, aligned: bool, m: int | None = None) -> tuple[dict, dict]:
+    """The JIT's view of a launch: unit strides constant, multiples of 16 hinted (strides and the
+    sizes M, N, K, R, D when aligned), and M = 1 a constant (``m == 1``), as Triton specialises."""
     units, div16 = (set(v.split()) for v in _LAYOUTS[use])
+    div16 |= {"N", "K", "R", "D"} | ({"M"} if m is None or m % 16 == 0 else set())
+    if m == 1:
+        units.add("M")
     sig = {}
     for name in _ARGS[kernel].split():
         if name.endswith("_ptr"):
@@ -760,7 +766,7 @@ def _all_configs():
                             sig, cx = _signature(_fused_kernel, tt, ("fused", use),
                                                  {"HAS_BIAS": use == "fwd", "HAS_RANKS": has_ranks, "PRECISION": prec,
                                                   "INTERPRET": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                                                  "BLOCK_R": FUSED_BLOCK_R, "GROUP_M": 8}, aligned)
+                                                  "BLOCK_R": FUSED_BLOCK_R, "GROUP_M": 8}, aligned, m)
                             yield (f"fused/m{cfg.block_m}/{use}/{tag}", _fused_kernel, sig, cx, cfg.num_warps,
                                    cfg.num_stages, cfg.block_m >= 64 and elem == 2)
                     for use in ("dA", "dB"):
