@@ -63,8 +63,9 @@ def check_lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora
     """Validate the arguments of ``lora_linear_mixed``; returns the (padded) rank ``r``.
 
     ``ranks [T]`` (optional, integer): each task's true rank, ``0 <= ranks[t] <= r``. Checked on the
-    host (one read of T ints; skipped while ``torch.compile`` traces, where the kernels clamp it)
-    because a rank past ``r`` would read outside the stacks and a negative one drop the term.
+    host (one read of T ints) because a rank past ``r`` would read outside the stacks and a negative
+    one drop the term; skipped while ``torch.compile`` traces or a CUDA graph captures (no host
+    reads there), where every backend clamps it to [0, r] instead.
     """
     op = "lora_linear_mixed"
     n, k = _check_base(op, x, weight, bias)
@@ -98,9 +99,17 @@ def check_ranks(ranks: Tensor, num_tasks: int, r: int) -> None:
         raise ValueError(f"{op}: ranks must be a tensor [T={num_tasks}], got {getattr(ranks, 'shape', type(ranks))}")
     if ranks.dtype.is_floating_point or ranks.dtype.is_complex or ranks.dtype == torch.bool:
         raise TypeError(f"{op}: ranks must be an integer tensor, got {ranks.dtype}")
-    if num_tasks and not torch.compiler.is_compiling():
+    if num_tasks and not host_read_forbidden(ranks):
         lo, hi = (int(v) for v in torch.aminmax(ranks))
         if lo < 0 or hi > r:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{op}: rank {bad} out of range: ranks must lie in [0, r={r}] (the stacks' padded rank); "
                              f"pass ranks=None if the stacks hold no padding")
+
+
+def host_read_forbidden(t: Tensor) -> bool:
+    """Whether reading ``t`` on the host is impossible now: under ``torch.compile`` tracing, or a
+    CUDA tensor while the current stream captures a CUDA graph (a sync would break the capture)."""
+    if torch.compiler.is_compiling():
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()

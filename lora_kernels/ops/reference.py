@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import check_lora_linear, check_lora_linear_mixed
+from .checks import check_lora_linear, check_lora_linear_mixed, host_read_forbidden
 from .routing import Routing
 
 __all__ = ["lora_linear", "lora_linear_mixed", "rank_masked", "low_rank", "gather_pays", "gathered_delta", "segmented_delta"]
@@ -99,7 +99,7 @@ def rank_masked(lora_a: Tensor, lora_b: Tensor, ranks: Tensor | None) -> tuple[T
         return lora_a, lora_b
     r = lora_a.shape[1]
     keep = torch.arange(r, device=lora_a.device) < ranks.to(lora_a.device).view(-1, 1)  # [T, r]
-    if bool(keep.all()):
+    if not host_read_forbidden(keep) and bool(keep.all()):  # under capture / tracing: always mask
         return lora_a, lora_b
     trail_a = (1,) * (lora_a.dim() - 2)
     trail_b = (1,) * (lora_b.dim() - 3)
