@@ -8,7 +8,10 @@ tile with BM = 16 uses mma.sync by design, and fp32 inputs run ``input_precision
 has no tensor-core path).
 
 The configs come from :func:`lora_kernels.ops.triton.lora_linear.aot_specs`, generated from the
-same table the launch heuristic reads, so a config cannot ship without being compiled here.
+same table the launch heuristic reads, so a config cannot ship without being compiled here, with
+the specialisations Triton's JIT applies at launch (divisible-by-16 hints on sizes and strides,
+M = 1 a constant), so the binaries checked are the ones that run. CI runs this file (and the mixed
+AOT tests) on the installed Triton and on Triton 3.6, the oldest supported (see ``.ci/run``).
 bf16 covers the 16-bit path (fp16 has the same tiles and instructions); fp32 has its own tiles
 (FMA "ieee" dots), all compiled too except the shrink's middle ranks (same config as r16/r256).
 Cold (empty Triton cache) this file takes ~2.5-3 min on 2 busy CPU cores; warm (~/.triton/cache

@@ -706,9 +706,10 @@ def aot_specs(dtypes=(torch.bfloat16, torch.float32)) -> Iterator[tuple[str, obj
     heuristic can pick: the forward (in-tile shrink or precomputed h) per regime, the backward dx
     (transposed operands, epilogue dropout), the shrink per rank band (forward x @ A.T with and
     without dropout, backward dy @ B, split-K). The signatures are what the JIT sees for
-    contiguous torch tensors with K, N multiples of 16: unit strides become constexpr 1, the other
-    strides carry the divisible-by-16 hint (``"i32:16"``); ``*-odd`` entries drop the hints (K,
-    N = 2049).
+    contiguous torch tensors with M, K, N, r multiples of 16: unit strides become constexpr 1, the
+    other strides and the sizes carry the divisible-by-16 hint (``"i32:16"``); ``*-m1`` entries and
+    the split-K shrink (run at small M) take M = 1 as the constant the JIT makes of it; ``*-odd``
+    entries drop the hints (K, N = 2049).
     """
     for dtype in dtypes:
         t, elem = _TL[dtype], torch.tensor([], dtype=dtype).element_size()
