@@ -75,12 +75,12 @@ def test_forward_matches_reference(shape, dtype, in_tile, device):
     assert_close(y, ref64(x, w, b, a, bb, scale), dtype, f"y {shape}")
 
 
-@pytest.mark.parametrize("regime", ["decode_s", "decode_l", "prefill"])
+@pytest.mark.parametrize("regime", ["decode_s", "decode_l", "middle", "prefill"])
 def test_every_regime_config(regime, device):
     """Each row of the config table (forced on a small odd shape: the interpreter ignores tiles)."""
     dtype = torch.bfloat16
     x, w, b, a, bb = make(19, 70, 37, 12, dtype, device)
-    for in_tile in ([False] if regime == "prefill" else [True, False]):
+    for in_tile in ([False] if regime in ("middle", "prefill") else [True, False]):
         out = poisoned((19, 37), dtype, device)
         y = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.5, out=out, shrink_in_tile=in_tile, regime=regime)
         assert y.data_ptr() == out.data_ptr()

@@ -196,6 +196,44 @@ def test_untasked_rows_are_exactly_the_base(m):
     assert not torch.equal(y[~rows], y_base[~rows])
 
 
+@pytest.mark.parametrize("m", [30, 150], ids=["bgmv", "sgmv"])
+@pytest.mark.parametrize("where", ["A", "B"])
+def test_non_finite_adapter_stays_in_its_rows(m, where):
+    """One task's adapter holds Inf: only that task's rows may be non-finite. Rows of the other
+    tasks and -1 rows share row tiles with it (grouped shrink at M = 150, fused expand always)
+    and must still equal the reference (0 * Inf = NaN must not cross segments)."""
+    dtype = torch.float32
+    (x, w, b, a, bb, scales), gen = make_case(m, 40, 24, [4, 8, 2], dtype, seed=m)
+    ids = task_ids("random-1", m, 3, gen)
+    if where == "A":
+        a[1, 0, 3] = float("inf")
+    else:
+        bb[1, 5, 0] = float("inf")
+    y = mixed.lora_linear_mixed(x, w, b, a, bb, scales, ids)
+    y_ref = reference.lora_linear_mixed(*(v.double() for v in (x, w, b, a, bb)), scales.double(), ids)
+    rows = ids != 1
+    assert (ids == 1).any() and rows.any()
+    assert_close(y[rows], y_ref[rows], dtype, f"rows of finite tasks ({where} of task 1 holds Inf)")
+
+
+def test_no_task_slots():
+    """T = 0 stacks (no adapter on this layer): the base output, no kernel reads the empty
+    ``scales`` / ``ranks`` (element 0 of an empty tensor would fault on a GPU)."""
+    dtype = torch.float32
+    (x, w, b, _, _, _), _ = make_case(9, 16, 8, [2], dtype)
+    a, bb, scales = torch.zeros(0, 2, 16), torch.zeros(0, 8, 2), torch.zeros(0)
+    ids = torch.full((9,), -1)
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel was launched for T = 0")
+
+    with pytest.MonkeyPatch.context() as mp:
+        for kernel in ("_shrink_bgmv_kernel", "_shrink_sgmv_kernel", "_fused_kernel"):
+            mp.setattr(mixed, kernel, type("NoLaunch", (), {"__getitem__": lambda self, grid: no_launch})())
+        y = mixed.lora_linear_mixed(x, w, b, a, bb, scales, ids)
+    assert torch.equal(y, torch.nn.functional.linear(x, w, b))
+
+
 def test_routing_and_ids_agree_and_metadata_is_cached():
     dtype = torch.float32
     (x, w, b, a, bb, scales), gen = make_case(40, 24, 16, [4, 4, 4, 4], dtype)
@@ -250,6 +288,31 @@ def test_per_task_ranks_skip_padding():
         args, gen = make_case(m, 24, 16, ranks, dtype, seed=m)
         ids = task_ids("random-1", m, 3, gen)
         check_against_reference(args, ids, dtype, what=f"ranks M{m}", ranks=torch.tensor(ranks))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ranks_one_contract_for_every_backend(backend):
+    """``ranks`` means the same on every backend: rows / columns at or past a task's rank are absent
+    (here they hold garbage, Inf included), and ranks outside [0, r] raise before anything runs."""
+    dtype = torch.float32
+    ranks = [2, 5, 0]
+    (x, w, b, a, bb, scales), gen = make_case(30, 24, 16, [5, 5, 5], dtype, seed=4)
+    ids = task_ids("random-1", 30, 3, gen)
+    exact = [v.clone() for v in (a, bb)]
+    for t, rt in enumerate(ranks):  # the exact stacks: zero past each rank
+        exact[0][t, rt:] = 0
+        exact[1][t, :, rt:] = 0
+    a[0, 3, 1] = float("inf")  # padding of task 0 (rank 2) holds Inf
+    bb[2, 4, 1] = float("nan")  # task 2 has rank 0: all of it is padding
+    y_ref = reference.lora_linear_mixed(*(v.double() for v in (x, w, b, *exact)), scales.double(), ids)
+    rk = torch.tensor(ranks, dtype=torch.int32)
+    with lk.ops.use_backend(backend):
+        y = lk.ops.lora_linear_mixed(x, w, b, a, bb, scales, ids, ranks=rk)
+        assert_close(y, y_ref, dtype, f"{backend}: ranks with garbage padding")
+        for bad, match in ((torch.tensor([2, 6, 0]), "rank 6 out of range"), (torch.tensor([2, -1, 0]), "rank -1 out of range"),
+                           (torch.tensor([2, 5]), r"ranks must be a tensor \[T=3\]"), (torch.tensor([2.0, 5.0, 0.0]), "integer")):
+            with pytest.raises((ValueError, TypeError), match=match):
+                lk.ops.lora_linear_mixed(x, w, b, a, bb, scales, ids, ranks=bad)
 
 
 def test_errors_and_float64():

@@ -195,5 +195,42 @@ def aot_compile(kernel, signature: dict[str, str], constexprs: dict[str, object]
     return res
 
 
+def plan_specs():
+    """(name, kernel, signature, constexprs, num_warps, num_stages) of every bf16 config the launch
+    plan (``lora_kernels/plan/triton.py``) reads resources for: single-task and mixed, aligned."""
+    import torch
+
+    from lora_kernels.ops.triton import lora_linear as ll
+    from lora_kernels.ops.triton import lora_linear_mixed as mx
+
+    for name, kernel, sig, cx, nw, ns in ll.aot_specs((torch.bfloat16,)):
+        if "odd" not in name:
+            yield name, kernel, sig, cx, nw, ns
+    for name, kernel, sig, cx, nw, ns, _ in mx.shipped_configs():
+        if "/bf16/" in name and "/ranks0/k16" in name and not name.startswith("segsum"):
+            yield name, kernel, sig, cx, nw, ns
+
+
+def write_resources(path: str) -> None:
+    """Compile :func:`plan_specs` for sm_90 and sm_80 and write their resources as JSON to ``path``."""
+    import json
+
+    import triton
+
+    out = {"triton": triton.__version__, "sm90": {}, "sm80": {}}
+    for name, kernel, sig, cx, nw, ns in plan_specs():
+        for arch in (90, 80):
+            res = aot_compile(kernel, sig, cx, arch, nw, ns)
+            out[f"sm{arch}"][name] = {"registers": res.registers, "shared": res.shared_bytes, "spills": res.spills}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     _worker_main()
+elif __name__ == "__main__" and sys.argv[1:2] == ["--write-resources"] and len(sys.argv) == 3:
+    # python tests/triton_aot.py --write-resources lora_kernels/plan/triton_resources.json
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # as the worker: the JIT's default, stated
+    write_resources(sys.argv[2])

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+import torch
+
 from . import reference
+from .checks import check_lora_linear_mixed
 from .dispatch import available_backends, resolve, set_backend, use_backend
 from .routing import Routing
 
@@ -62,8 +65,9 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
 
     Shape: x [M, K] (or [B, ..., K] with ids per sample, or [..., K] with ids per flattened row),
     lora_a [T, r, K], lora_b [T, N, r], scales [T], task_ids [M] int (-1 = no task) or a Routing.
-    ``ranks [T]`` (optional): each task's true rank in the zero-padded stacks; the Triton kernels then
-    skip the padding. It never changes the result (the padding is zero), so other backends ignore it.
+    ``ranks [T]`` (optional, ints in [0, r]): each task's true rank in the padded stacks. Every
+    backend treats rows / columns at or past a task's rank as absent, whatever they hold (the
+    Triton kernels skip them, the others zero them); out-of-range ranks raise.
     """
     if not isinstance(x, Tensor):
         return reference.lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, task_ids)  # its TypeError
@@ -76,6 +80,10 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
         return impl.lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, task_ids, ranks=ranks)
     if name == "cuda":
         from . import cuda as impl
-    else:
-        impl = reference
-    return impl.lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, task_ids)
+
+        if ranks is not None:  # the CUDA kernels have no ranks: validate, then zero the padding
+            num_rows = task_ids.num_rows if isinstance(task_ids, Routing) else torch.as_tensor(task_ids).numel()
+            check_lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, num_rows, ranks)
+            lora_a, lora_b = reference.rank_masked(lora_a, lora_b, ranks)
+        return impl.lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, task_ids)
+    return reference.lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, task_ids, ranks=ranks)

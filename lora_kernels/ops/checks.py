@@ -58,8 +58,15 @@ def check_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
     return r
 
 
-def check_lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scales: Tensor, num_rows: int) -> int:
-    """Validate the arguments of ``lora_linear_mixed``; returns the (padded) rank ``r``."""
+def check_lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
+                            num_rows: int, ranks: Tensor | None = None) -> int:
+    """Validate the arguments of ``lora_linear_mixed``; returns the (padded) rank ``r``.
+
+    ``ranks [T]`` (optional, integer): each task's true rank, ``0 <= ranks[t] <= r``. Checked on the
+    host (one read of T ints) because a rank past ``r`` would read outside the stacks and a negative
+    one drop the term; skipped while ``torch.compile`` traces or a CUDA graph captures (no host
+    reads there), where every backend clamps it to [0, r] instead.
+    """
     op = "lora_linear_mixed"
     n, k = _check_base(op, x, weight, bias)
     if lora_a.dim() != 3 or lora_b.dim() != 3:
@@ -80,4 +87,29 @@ def check_lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora
     if num_rows != lead and (x.dim() < 2 or num_rows != x.shape[0]):
         raise ValueError(f"{op}: {num_rows} task id(s) fit neither x's dim 0 ({x.shape[0] if x.dim() > 1 else 'none'}) "
                          f"nor its {lead} flattened rows (x shape {tuple(x.shape)})")
+    if ranks is not None:
+        check_ranks(ranks, t, r)
     return r
+
+
+def check_ranks(ranks: Tensor, num_tasks: int, r: int) -> None:
+    """``ranks`` is an integer tensor [T] with every value in [0, r] (see check_lora_linear_mixed)."""
+    op = "lora_linear_mixed"
+    if not isinstance(ranks, Tensor) or ranks.shape != (num_tasks,):
+        raise ValueError(f"{op}: ranks must be a tensor [T={num_tasks}], got {getattr(ranks, 'shape', type(ranks))}")
+    if ranks.dtype.is_floating_point or ranks.dtype.is_complex or ranks.dtype == torch.bool:
+        raise TypeError(f"{op}: ranks must be an integer tensor, got {ranks.dtype}")
+    if num_tasks and not host_read_forbidden(ranks):
+        lo, hi = (int(v) for v in torch.aminmax(ranks))
+        if lo < 0 or hi > r:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{op}: rank {bad} out of range: ranks must lie in [0, r={r}] (the stacks' padded rank); "
+                             f"pass ranks=None if the stacks hold no padding")
+
+
+def host_read_forbidden(t: Tensor) -> bool:
+    """Whether reading ``t`` on the host is impossible now: under ``torch.compile`` tracing, or a
+    CUDA tensor while the current stream captures a CUDA graph (a sync would break the capture)."""
+    if torch.compiler.is_compiling():
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import check_lora_linear, check_lora_linear_mixed
+from .checks import check_lora_linear, check_lora_linear_mixed, host_read_forbidden
 from .routing import Routing
 
-__all__ = ["lora_linear", "lora_linear_mixed", "low_rank", "gather_pays", "gathered_delta", "segmented_delta"]
+__all__ = ["lora_linear", "lora_linear_mixed", "rank_masked", "low_rank", "gather_pays", "gathered_delta", "segmented_delta"]
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float = 1.0,
@@ -57,15 +57,18 @@ def low_rank(x: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
 
 
 def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
-                      task_ids: "Tensor | Routing", *, backend: str | None = None) -> Tensor:
+                      task_ids: "Tensor | Routing", *, backend: str | None = None, ranks: Tensor | None = None) -> Tensor:
     """Per-row task: ``y[m] = x[m] @ weight.T + bias + scales[t] * (x[m] @ lora_a[t].T) @ lora_b[t].T``, ``t = task_ids[m]``.
 
     Shape: x [M, K] (or [B, ..., K] with one id per dim-0 sample, or [..., K] with ids over the
     flattened leading dims), lora_a [T, r, K], lora_b [T, N, r], scales [T], task_ids [M] int
     (``-1`` = no task) or a :class:`Routing`. Rows with task ``-1`` are exactly the base output.
+    ``ranks [T]`` (optional, ints in [0, r]): task ``t`` uses only rows ``< ranks[t]`` of
+    ``lora_a[t]`` and columns ``< ranks[t]`` of ``lora_b[t]``; the rest is absent (whatever it holds).
     """
     num_rows = task_ids.num_rows if isinstance(task_ids, Routing) else torch.as_tensor(task_ids).numel()
-    check_lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, num_rows)  # shapes first: clearer errors
+    check_lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, num_rows, ranks)  # shapes first: clearer errors
+    lora_a, lora_b = rank_masked(lora_a, lora_b, ranks)
     routing = Routing.of(task_ids, lora_a.shape[0])
     scale_list = scales.tolist()  # T floats: one host copy per call
     y = F.linear(x, weight, bias)
@@ -81,6 +84,28 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
     else:
         segmented_delta(rows_y, rows_x, routing, delta)
     return y
+
+
+def rank_masked(lora_a: Tensor, lora_b: Tensor, ranks: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The stacks with every row / column at or past a task's rank set to zero (absent).
+
+    Shape: lora_a [T, r, ...], lora_b [T, N, r, ...], ranks [T] (validated) -> the same shapes.
+    This is the ``ranks`` contract of every backend: the Triton kernels never read the padding;
+    here (and before the CUDA kernels, which have no ``ranks``) it is zeroed by a select, so
+    padding holding Inf or NaN is absent too (a multiply by 0 would give NaN). No copy when
+    every rank is full.
+    """
+    if ranks is None:
+        return lora_a, lora_b
+    r = lora_a.shape[1]
+    keep = torch.arange(r, device=lora_a.device) < ranks.to(lora_a.device).view(-1, 1)  # [T, r]
+    if not host_read_forbidden(keep) and bool(keep.all()):  # under capture / tracing: always mask
+        return lora_a, lora_b
+    trail_a = (1,) * (lora_a.dim() - 2)
+    trail_b = (1,) * (lora_b.dim() - 3)
+    lora_a = torch.where(keep.view(*keep.shape, *trail_a), lora_a, 0)
+    lora_b = torch.where(keep.view(keep.shape[0], 1, r, *trail_b), lora_b, 0)
+    return lora_a, lora_b
 
 
 # Gathering per-row stacks copies n·r·(K+N) elements: take that path only from this many tasks on

@@ -32,8 +32,10 @@ memory-bound, "decode", and larger M is compute-bound, "prefill"):
       only M*r*4 bytes. For decode with r > 64, A re-read per tile from L2 (N/BN * r*K*2 B = 128
       MiB at r = 256) would exceed the W stream, so the preceding kernel wins there too. With
       dropout the philox mask would be regenerated N/BN times in-tile; once is enough.
-  The preceding kernel splits K over programs (fp32 atomics into a zeroed h) when there are too
-  few row tiles to fill the GPU (decode: one row tile, K/BK/4 splits).
+  The preceding kernel splits K over programs when there are too few row tiles to fill the GPU
+  (decode: one row tile, K/BK/4 splits); each split writes its own fp32 partial and one small
+  reduction sums them in a fixed order. No atomics anywhere: forward and backward are bitwise
+  deterministic run to run (no opt-in nondeterministic path is offered).
 * **fp32 everywhere it matters:** all dots accumulate in fp32; h stays fp32; for 16-bit inputs the
   expand multiplies ``s*h`` split into a hi and a lo 16-bit part (two MMAs: 2*r/K extra work, 0.8 %
   at r = 16, K = 4096), so the LoRA term is as precise as fp32 h times the 16-bit B. fp32 inputs
@@ -225,15 +227,18 @@ def _lora_fused_kernel(
 def _shrink_kernel(
     x_ptr, a_ptr, h_ptr,
     M, K, R,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_hm,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_hs, stride_hm,
     h_scale, drop_p, seed,
     DROPOUT: tl.constexpr, SPLIT_K: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """h[M, R] (fp32) = h_scale * x_d @ A.T; with SPLIT_K > 1 atomically added into a zeroed h.
+    """h[M, R] (fp32) = h_scale * x_d @ A.T; with SPLIT_K > 1 program (m, s) writes the partial
+    sum of its K range to slice ``s`` of h [SPLIT_K, M, R], summed by the launcher in a fixed
+    order (no atomics: the bits of h do not depend on the order programs finish).
 
-    Shape: x [M, K], A [R, K] (by strides), h [M, R] fp32 with row stride ``stride_hm``.
+    Shape: x [M, K], A [R, K] (by strides), h [SPLIT_K, M, R] fp32 (slice stride ``stride_hs``,
+    row stride ``stride_hm``).
     Offsets as in ``_lora_fused_kernel``: int64 tile bases, int32 in-tile offsets.
     """
     pid_m = tl.program_id(0)
@@ -264,12 +269,8 @@ def _shrink_kernel(
         x_ptrs += BK * stride_xk
         a_ptrs += BK * stride_ak
     h = h * h_scale
-    h_ptrs = h_ptr + off_m * stride_hm + (lm[:, None] * stride_hm + rr[None, :])
-    h_mask = m_ok[:, None] & r_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(h_ptrs, h, mask=h_mask)
-    else:
-        tl.atomic_add(h_ptrs, h, mask=h_mask, sem="relaxed")
+    h_ptrs = h_ptr + pid_k.to(tl.int64) * stride_hs + off_m * stride_hm + (lm[:, None] * stride_hm + rr[None, :])
+    tl.store(h_ptrs, h, mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -307,21 +308,29 @@ class Config:
 
 
 # Output-tile configs (forward y and backward dx). Shared memory per stage, bf16:
-#   decode_s  x 16x128 + W 128x64 (+ A 128x64 in-tile) = 4 + 16 (+16) KiB -> 3 stages: 108 KiB
-#   decode_l  x 64x64  + W 64x64  (+ A 64x64)         = 8 + 8  (+8)  KiB -> 4 stages:  96 KiB
-#   prefill   x 128x64 + W 64x128                     = 16 + 16      KiB -> 3 stages:  96 KiB
-# all under A100's 163 KiB per block. decode tiles are narrow in N (64) so that N = 4096 gives 64
-# column tiles and N = 1024 still 16, while BK = 128 keeps enough bytes in flight per SM; prefill
-# is the classic 128x128x64 / 8 warps tile (two warpgroups of wgmma m64n128k16 on sm_90).
+#   decode_s  x 16x128 + W 128x32 (+ A 128x64 in-tile) = 4 + 8 (+16) KiB -> 4 stages: 112 KiB
+#   decode_l  x 64x64  + W 64x32  (+ A 64x64)         = 8 + 4 (+8)  KiB -> 4 stages:  80 KiB
+#   prefill   x 128x64 + W 64x128                     = 16 + 16     KiB -> 3 stages:  96 KiB
+# all under A100's 163 KiB per block. Decode is memory-bound: what matters is that the grid covers
+# the SMs with enough bytes in flight. BN = 32 gives 128 column tiles at N = 4096 (97 % of an
+# H200's 132 SMs; BN = 64 left half of them idle: 64 CTAs, ~2.6 MB in flight, predicted 1.2x the
+# base by the launch plan), and 3 stages of 12 KiB in flight per CTA (~4.7 MB over 128 CTAs:
+# Little's law at ~0.7 us asks ~3.4 MB for 4.8 TB/s). Prefill is the classic 128x128x64 / 8 warps
+# tile (two warpgroups of wgmma m64n128k16 on sm_90).
 FUSED_CONFIGS = {
-    "decode_s": Config(BM=16, BN=64, BK=128, num_warps=4, num_stages=3),
-    "decode_l": Config(BM=64, BN=64, BK=64, num_warps=4, num_stages=4),
+    "decode_s": Config(BM=16, BN=32, BK=128, num_warps=4, num_stages=4),
+    "decode_l": Config(BM=64, BN=32, BK=64, num_warps=4, num_stages=4),
     "prefill": Config(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, GROUP_M=8),
     # backward dx with dropout: the epilogue holds a second [BM, BN] fp32 accumulator (the LoRA
     # term, masked after the expand) plus the philox state for the tile; at BN = 128 that spilled
     # 96 B (sm_90) / 2.4 KB (sm_80) in ptxas -v, at BN = 64 it fits in ~200 registers.
     "prefill_dx_drop": Config(BM=128, BN=64, BK=64, num_warps=8, num_stages=3, GROUP_M=8),
+    # The middle regime (128 < M <= 1024): 128 x 128 tiles gave 64 CTAs at M = 256, N = 4096 (1 per
+    # SM at 246 registers: half of an H200's tensor cores idle, predicted 2.8x the base by the
+    # launch plan); 64 x 128 over 8 warps gives 128 CTAs there (4 warps hit 255 registers and spilled).
+    "middle": Config(BM=64, BN=128, BK=64, num_warps=8, num_stages=3, GROUP_M=8),  # 4 warps: 255 regs, spills
 }
+MIDDLE_M = 1024
 # Shrink configs by rank band (BR = padded rank): the [BM, BR] fp32 accumulator is at most
 # 64x256x4 B = 64 KiB = 64 registers/thread over 8 warps; A's [BK, BR] tile dominates shared
 # memory (64x256x2 B = 32 KiB per stage).
@@ -329,8 +338,9 @@ SHRINK_CONFIGS = {
     "r_le_64": Config(BM=64, BN=0, BK=64, num_warps=4, num_stages=3),
     "r_gt_64": Config(BM=64, BN=0, BK=64, num_warps=8, num_stages=3),
     # fp32 ("ieee" dot on FMA units, operands in registers): BM = 64 spilled 28-388 B at r >= 64
-    # in ptxas -v; 32 rows over 8 warps fit every rank up to 256 (<= 216 registers).
-    "fp32": Config(BM=32, BN=0, BK=64, num_warps=8, num_stages=3),
+    # in ptxas -v, BM = 32 still 16 B at r = 256 (Triton 3.6 on sm_80, 3.9 on sm_90 with the JIT's
+    # divisibility hints); 16 rows over 8 warps fit every rank up to 256 on both.
+    "fp32": Config(BM=16, BN=0, BK=64, num_warps=8, num_stages=2),
 }
 # Rank chunk of the expand loop when h is precomputed: a [BM, 32] fp32 chunk of h plus its hi/lo
 # halves; at 64 the 128x128 prefill tile spilled 48 B on sm_80. fp32 inputs use 16: their
@@ -357,6 +367,13 @@ def _bk(cfg: Config, elem: int, aligned: bool = True) -> int:
     return bk if aligned else max(16, bk // 2)
 
 
+def _stages(cfg: Config, elem: int) -> int:
+    """Pipeline depth: the table's for 16-bit and 16-row tiles; at most 2 for fp32 tiles of 64+
+    rows, whose FMA dot keeps operand tiles in registers (decode_l's 4 stages spilled 16-24 B on
+    Triton 3.6, sm_80 and sm_90; decode_s at 2 stages spilled there instead: 16-24 B on sm_90)."""
+    return cfg.num_stages if elem <= 2 or cfg.BM < 64 else min(2, cfg.num_stages)
+
+
 def _expand_chunk(elem: int) -> int:
     return EXPAND_CHUNK if elem <= 2 else EXPAND_CHUNK_FP32
 
@@ -371,7 +388,7 @@ def _fused_regime(m: int, elem: int = 2) -> str:
         # fp32 runs "ieee" dots on FMA units (no tensor cores: compute-bound at any M, ~1/15 of the
         # bf16 rate), where a 128x128 tile only adds register pressure (it spilled 16-176 B).
         return "decode_s" if m <= 16 else "decode_l"
-    return "decode_s" if m <= 16 else "decode_l" if m <= DECODE_M else "prefill"
+    return "decode_s" if m <= 16 else "decode_l" if m <= DECODE_M else "middle" if m <= MIDDLE_M else "prefill"
 
 
 def _shrink_in_tile(m: int, r: int, dropout: bool, elem: int = 2) -> bool:
@@ -449,7 +466,7 @@ def _launch_fused(x2: Tensor, w_nk: Tensor, bias: Tensor | None, a_rk: Tensor, b
         HAS_BIAS=bias is not None, SHRINK_IN_TILE=in_tile, DROP_MODE=drop_mode,
         BM=cfg.BM, BN=cfg.BN, BK=bk, BR=br, GROUP_M=cfg.GROUP_M,
         EVEN_K=k % bk == 0, DOT_PREC=_dot_prec(x2.dtype), INTERPRET=_interpret(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=_stages(cfg, elem),
     )
     return out
 
@@ -462,19 +479,21 @@ def _launch_shrink(x2: Tensor, a_rk: Tensor, h_scale: float, drop_p: float, seed
     cfg = _shrink_cfg(r, elem)
     bk = _bk(cfg, elem, _aligned(x2.stride(0), a_rk.stride(0), a_rk.stride(1)))
     split = _split_k(m, k, cfg.BM, bk)
-    h = (torch.zeros if split > 1 else torch.empty)((m, r), dtype=torch.float32, device=x2.device)
+    h = torch.empty((split, m, r), dtype=torch.float32, device=x2.device)
     if m == 0:
-        return h
+        return h[0]
     grid = (triton.cdiv(m, cfg.BM), split)
     _shrink_kernel[grid](
         x2, a_rk, h, m, k, r,
-        x2.stride(0), x2.stride(1), a_rk.stride(0), a_rk.stride(1), h.stride(0),
+        x2.stride(0), x2.stride(1), a_rk.stride(0), a_rk.stride(1), h.stride(0), h.stride(1),
         float(h_scale), float(drop_p), int(seed),
         DROPOUT=drop_p > 0, SPLIT_K=split, BM=cfg.BM, BK=bk, BR=_pad_rank(r),
         EVEN_K=k % bk == 0, DOT_PREC=_dot_prec(x2.dtype), INTERPRET=_interpret(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return h
+    # The split partials ([split, M, r] fp32: 4 x 16 x 4 B per row at r = 16, tiny next to x) are
+    # summed in a fixed order by one small reduction: deterministic, where atomics were not.
+    return h[0] if split == 1 else h.sum(0)
 
 
 def _launch_dropout(x2: Tensor, drop_p: float, seed: int, write_mask: bool) -> Tensor:
@@ -490,13 +509,15 @@ def _launch_dropout(x2: Tensor, drop_p: float, seed: int, write_mask: bool) -> T
 
 def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
                         scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0, *, out: Tensor | None = None,
-                        shrink_in_tile: bool | None = None, regime: str | None = None) -> Tensor:
+                        shrink_in_tile: bool | None = None, regime: str | None = None, check: bool = True) -> Tensor:
     """The forward launcher: checks, allocates (or writes into ``out`` [M, N]) and launches.
 
     Shape: x [..., K] -> y [..., N]. ``shrink_in_tile`` / ``regime`` override the heuristic
-    (tests use them to cover every path on small shapes).
+    (tests use them to cover every path on small shapes). ``check=False``: the caller has run
+    ``check_lora_linear`` already (the public entry does; one check per call, not two).
     """
-    check_lora_linear(x, weight, bias, lora_a, lora_b, dropout_p)
+    if check:
+        check_lora_linear(x, weight, bias, lora_a, lora_b, dropout_p)
     x2 = _as_rows(x)
     m, k = x2.shape
     n, r = lora_b.shape
@@ -561,8 +582,10 @@ def _seed_int(seed: Optional[Tensor]) -> int:
 @torch.library.custom_op("lora_kernels::lora_linear", mutates_args=())
 def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: float,
                     dropout_p: float, seed: Optional[Tensor]) -> Tensor:
-    """y [..., N] = x @ W.T + b + scale * (dropout(x) @ A.T) @ B.T (fused Triton forward)."""
-    return lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, _seed_int(seed))
+    """y [..., N] = x @ W.T + b + scale * (dropout(x) @ A.T) @ B.T (fused Triton forward).
+
+    Internal: reached through :func:`lora_linear`, which has checked the arguments."""
+    return lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, _seed_int(seed), check=False)
 
 
 @_lora_linear_op.register_fake
@@ -683,9 +706,10 @@ def aot_specs(dtypes=(torch.bfloat16, torch.float32)) -> Iterator[tuple[str, obj
     heuristic can pick: the forward (in-tile shrink or precomputed h) per regime, the backward dx
     (transposed operands, epilogue dropout), the shrink per rank band (forward x @ A.T with and
     without dropout, backward dy @ B, split-K). The signatures are what the JIT sees for
-    contiguous torch tensors with K, N multiples of 16: unit strides become constexpr 1, the other
-    strides carry the divisible-by-16 hint (``"i32:16"``); ``*-odd`` entries drop the hints (K,
-    N = 2049).
+    contiguous torch tensors with M, K, N, r multiples of 16: unit strides become constexpr 1, the
+    other strides and the sizes carry the divisible-by-16 hint (``"i32:16"``); ``*-m1`` entries and
+    the split-K shrink (run at small M) take M = 1 as the constant the JIT makes of it; ``*-odd``
+    entries drop the hints (K, N = 2049).
     """
     for dtype in dtypes:
         t, elem = _TL[dtype], torch.tensor([], dtype=dtype).element_size()
@@ -700,31 +724,43 @@ def aot_specs(dtypes=(torch.bfloat16, torch.float32)) -> Iterator[tuple[str, obj
                    "dx": (("stride_xk", "stride_wn", "stride_ak", "stride_bn"), ("stride_xm", "stride_wk", "stride_ar", "stride_br", "stride_om")),
                    "fwd-odd": (("stride_xk", "stride_wk", "stride_ak", "stride_br"), ())}
         for regime, cfg in FUSED_CONFIGS.items():
-            if elem > 2 and regime.startswith("prefill"):
+            if elem > 2 and regime in ("middle", "prefill", "prefill_dx_drop"):
                 continue  # never picked for fp32 (see _fused_regime)
             if regime == "prefill_dx_drop":
                 variants = [("dx_drop", "dx", False, 2, chunk)]
             else:
                 variants = [("h", "fwd", False, 0, chunk), ("h", "fwd-odd", False, 0, chunk),
                             ("dx", "dx", False, 0, chunk)]
+            if regime == "middle":
+                variants.append(("dx_drop", "dx", False, 2, chunk))
             if regime == "decode_s" or regime == "decode_l":
                 variants.append(("dx_drop", "dx", False, 2, chunk))
                 variants += [("intile_r16", "fwd", True, 0, 16), ("intile_r16", "fwd-odd", True, 0, 16)]
                 if elem <= 2:
                     variants.append(("intile_r64", "fwd", True, 0, IN_TILE_MAX_RANK))
+            if regime == "decode_s":  # M = 1 (one token): the JIT makes M a constant 1
+                variants += [(v + "-m1", lay, it, dm, b) for v, lay, it, dm, b in variants if lay == "fwd"]
             for vname, layout, in_tile, drop_mode, br in variants:
                 units, div16 = layouts[layout]
+                aligned = layout != "fwd-odd"
                 sig = dict(ptrs)
+                # The JIT's specialisation of the int args: 1 -> constant, multiple of 16 -> hint
+                # (M = 16, 64, ...; N, K, r = 16, 64 when aligned; odd K, N = 2049 get none).
+                sig.update({"M": "constexpr" if vname.endswith("-m1") else "i32:16" if aligned else "i32",
+                            "N": "i32:16" if aligned else "i32", "K": "i32:16" if aligned else "i32",
+                            "R": "i32:16" if aligned else "i32"})
                 sig.update({st: "constexpr" if st in units else "i32:16" if st in div16 else "i32" for st in strides})
                 sig.update({"scale": "fp32", "drop_p": "fp32", "seed": "i32"})
                 consts = {st: 1 for st in units}
+                if vname.endswith("-m1"):
+                    consts["M"] = 1
                 consts.update({"HAS_BIAS": layout != "dx", "SHRINK_IN_TILE": in_tile, "DROP_MODE": drop_mode, "BM": cfg.BM,
                                "BN": cfg.BN, "BK": _bk(cfg, elem, layout != "fwd-odd"), "BR": br, "GROUP_M": cfg.GROUP_M,
                                "EVEN_K": layout != "fwd-odd", "DOT_PREC": prec,
                                "INTERPRET": False})
                 sig.update({c: "constexpr" for c in consts})
                 yield (f"fused/{regime}/{vname}/{layout}/{t}", _lora_fused_kernel, sig, consts, cfg.num_warps,
-                       cfg.num_stages)
+                       _stages(cfg, elem))
         bands = (("r_le_64", (16, 64)), ("r_gt_64", (128, 256))) if elem <= 2 else (("fp32", (16, 64, 128, 256)),)
         for band, ranks in bands:
             cfg = SHRINK_CONFIGS[band]
@@ -734,12 +770,17 @@ def aot_specs(dtypes=(torch.bfloat16, torch.float32)) -> Iterator[tuple[str, obj
                                                           ("xA_drop", ("stride_xk", "stride_ak"), ("stride_xm", "stride_ar"), True, 4),
                                                           ("dyB", ("stride_xk", "stride_ar"), ("stride_xm",), False, 4),
                                                           ("xA-odd", ("stride_xk", "stride_ak"), (), False, 1)):
-                    sig = {"x_ptr": f"*{t}", "a_ptr": f"*{t}", "h_ptr": "*fp32", "M": "i32", "K": "i32", "R": "i32"}
+                    odd = use.endswith("odd")
+                    # split-K runs at small M (decode: M = 1, a JIT constant); K, r hinted when aligned.
+                    sig = {"x_ptr": f"*{t}", "a_ptr": f"*{t}", "h_ptr": "*fp32",
+                           "M": "constexpr" if split > 1 else "i32" if odd else "i32:16",
+                           "K": "i32" if odd else "i32:16", "R": "i32:16"}
                     sig.update({st: "constexpr" if st in units else "i32:16" if st in div16 else "i32"
-                                for st in ("stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_hm")})
+                                for st in ("stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_hs", "stride_hm")})
                     sig.update({"h_scale": "fp32", "drop_p": "fp32", "seed": "i32"})
                     consts = {st: 1 for st in units}
-                    odd = use.endswith("odd")
+                    if split > 1:
+                        consts["M"] = 1
                     consts.update({"DROPOUT": dropout, "SPLIT_K": split, "BM": cfg.BM, "BK": _bk(cfg, elem, not odd), "BR": br,
                                    "EVEN_K": not odd,
                                    "DOT_PREC": prec, "INTERPRET": False})

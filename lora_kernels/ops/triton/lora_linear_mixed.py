@@ -25,9 +25,12 @@ Kernels (this file stacks kernels -> launchers -> custom ops + fakes -> autograd
                          segments make almost every tile single-task.
 ``_fused_kernel``        y tile = x @ W.T + b (shared base GEMM, every row) plus, per segment in
                          the tile, h_seg @ B_t.T -- base and LoRA in one output tile, y written
-                         once (scattered back to original rows). One fp32 accumulator: rows
-                         outside a segment load h = 0 and gain exact zeros, so ``-1`` rows equal
-                         the same kernel with no task at all (bitwise, up to the sign of a zero).
+                         once (scattered back to original rows). A tile inside one segment
+                         adds its term straight into the accumulator; a tile that several
+                         segments share computes each segment's term apart and selects it into
+                         that segment's rows only, so a non-finite adapter never reaches other
+                         tasks' rows or ``-1`` rows (0 * Inf would be NaN), and ``-1`` rows are
+                         the base output whatever the tile holds (the shrinks mask likewise).
 ``_segsum_kernel``       out[t] = P_seg(t).T @ Q[order[seg(t)]] -- the per-task weight gradients
                          as a segmented reduction: one program owns a (task, r-block, d-block)
                          output tile and loops over its segment's rows in a fixed order. No
@@ -45,7 +48,8 @@ enters the 16-bit expand MMA as hi + lo halves (two MMAs), so its fp32 precision
 ``input_precision="ieee"`` (no TF32) so fp32 matches torch's default numerics.
 
 Ranks: the stacks are zero-padded to the largest rank R. Passing ``ranks`` ([T] int32, the true
-rank of each task, padding beyond it zero) makes every kernel bound its r loops by ``ranks[t]``:
+rank of each task, validated to lie in [0, R]; the padding beyond it is never read, so it is absent
+whatever it holds, as in the reference) makes every kernel bound its r loops by ``ranks[t]``:
 a rank-8 task in a stack padded to 64 then reads 8/64 of its A_t/B_t rows and does 8/64 of the
 shrink/expand MACs. In decode (memory-bound: bytes of A_t/B_t dominate the LoRA cost) that is the
 whole saving; in prefill it is ~r/N of the base GEMM and mostly invisible.
@@ -115,7 +119,7 @@ def _shrink_bgmv_kernel(
     t = tl.load(sid_ptr + p)
     tt = tl.maximum(t, 0).to(tl.int64)
     if HAS_RANKS:
-        r_t = tl.load(rank_ptr + tt)
+        r_t = tl.minimum(tl.maximum(tl.load(rank_ptr + tt), 0), R)  # clamped: never past the stacks
     else:
         r_t = R
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -158,13 +162,12 @@ def _shrink_sgmv_kernel(
     t_first = tl.load(sid_ptr + p0)
     t_last = tl.load(sid_ptr + p1 - 1)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    row_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
     # Sorted ids: the tasks in [t_first, t_last] either own rows of this tile or none at all.
     for t in range(tl.maximum(t_first, 0), t_last + 1):
         lo = tl.load(seg_ptr + t)
         hi = tl.load(seg_ptr + t + 1)
         if HAS_RANKS:
-            r_t = tl.load(rank_ptr + t)
+            r_t = tl.minimum(tl.maximum(tl.load(rank_ptr + t), 0), R)  # clamped: never past the stacks
         else:
             r_t = R
         if (hi > lo) & (pid_r * BLOCK_R < r_t):
@@ -173,16 +176,18 @@ def _shrink_sgmv_kernel(
             x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
             a_ptrs = (a_ptr + tl.cast(t, tl.int64) * stride_at + offs_r[None, :].to(tl.int64) * stride_ar
                       + offs_k[:, None].to(tl.int64) * stride_ak)
+            # A per-segment accumulator, selected into the tile's rows at the end: rows of other
+            # segments load x = 0, and 0 * Inf = NaN, so a non-finite A_t must not reach them.
+            seg = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 k_mask = offs_k < K - k0
                 xt = tl.load(x_ptrs, mask=in_seg[:, None] & k_mask[None, :], other=0.0)
                 at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-                acc = _mma(xt, at, acc, PRECISION, INTERPRET)
+                seg = _mma(xt, at, seg, PRECISION, INTERPRET)
                 x_ptrs += BLOCK_K * stride_xk
                 a_ptrs += BLOCK_K * stride_ak
-            # Segments are disjoint row sets: accumulate unscaled, scale each row once at the end.
-            row_scale = tl.where(in_seg, tl.load(s_ptr + t), row_scale)
-    acc = acc * row_scale[:, None]
+            # Segments are disjoint row sets: scale each row once, by its own task's scale.
+            acc = tl.where(in_seg[:, None], seg * tl.load(s_ptr + t), acc)
     h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_r[None, :].to(tl.int64) * stride_hr
     tl.store(h_ptrs, acc, mask=p_mask[:, None] & (offs_r[None, :] < R))
 
@@ -243,7 +248,7 @@ def _fused_kernel(
         lo = tl.load(seg_ptr + t)
         hi = tl.load(seg_ptr + t + 1)
         if HAS_RANKS:
-            r_t = tl.load(rank_ptr + t)
+            r_t = tl.minimum(tl.maximum(tl.load(rank_ptr + t), 0), R)  # clamped: never past the stacks
         else:
             r_t = R
         if hi > lo:
@@ -251,15 +256,29 @@ def _fused_kernel(
             h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_r[None, :].to(tl.int64) * stride_hr
             b_ptrs = (b_ptr + tl.cast(t, tl.int64) * stride_bt + offs_r[:, None].to(tl.int64) * stride_br
                       + offs_n[None, :].to(tl.int64) * stride_bn)
-            for r0 in range(0, r_t, BLOCK_R):
-                r_mask = offs_r < r_t - r0
-                ht = tl.load(h_ptrs, mask=in_seg[:, None] & r_mask[None, :], other=0.0)
-                bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                # Rows outside the segment load h = 0: their acc gains exact zeros (one register
-                # accumulator for base + LoRA; a second [BM, BN] fp32 one spills at 128x128).
-                acc = _mma_f32a(ht, bt, acc, PRECISION, INTERPRET)
-                h_ptrs += BLOCK_R * stride_hr
-                b_ptrs += BLOCK_R * stride_br
+            if (lo <= p0) & (hi >= p1):
+                # The whole tile is this task's (long segments: most prefill tiles): straight
+                # into the one accumulator.
+                for r0 in range(0, r_t, BLOCK_R):
+                    r_mask = offs_r < r_t - r0
+                    ht = tl.load(h_ptrs, mask=p_mask[:, None] & r_mask[None, :], other=0.0)
+                    bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                    acc = _mma_f32a(ht, bt, acc, PRECISION, INTERPRET)
+                    h_ptrs += BLOCK_R * stride_hr
+                    b_ptrs += BLOCK_R * stride_br
+            else:
+                # Rows of other segments (and -1 rows) must gain nothing, not 0 * B_t: a
+                # non-finite B_t would turn their h = 0 into NaN. The segment's term is
+                # accumulated apart and selected into its rows only.
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for r0 in range(0, r_t, BLOCK_R):
+                    r_mask = offs_r < r_t - r0
+                    ht = tl.load(h_ptrs, mask=in_seg[:, None] & r_mask[None, :], other=0.0)
+                    bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                    part = _mma_f32a(ht, bt, part, PRECISION, INTERPRET)
+                    h_ptrs += BLOCK_R * stride_hr
+                    b_ptrs += BLOCK_R * stride_br
+                acc = tl.where(in_seg[:, None], acc + part, acc)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=p_mask[:, None] & n_mask[None, :])
 
@@ -285,7 +304,7 @@ def _segsum_kernel(
     lo = tl.load(seg_ptr + t)
     hi = tl.load(seg_ptr + t + 1)
     if HAS_RANKS:
-        r_t = tl.load(rank_ptr + t)
+        r_t = tl.minimum(tl.maximum(tl.load(rank_ptr + t), 0), R)  # clamped: never past the stacks
     else:
         r_t = R
     # Fixed, BLOCK_M-aligned chunking of the segment: the summation order depends only on the batch.
@@ -371,10 +390,12 @@ def _fused_config(m: int, elem: int, aligned: bool = True) -> FusedConfig:
     if not aligned and m > 16:  # odd K / N (e.g. 2049): scalar loads; bigger tiles spill (AOT)
         return FusedConfig(64, 32, 32, 4, 3)
     if m <= 16:  # decode: memory-bound GEMV-like; narrow N tiles give >= 128 CTAs for N = 4096
-        return FusedConfig(16, 32, 128, 4, 4)
-    if m <= 128:
-        return FusedConfig(64, 64, 64, 4, 3)
-    return FusedConfig(128, 128, 64, 8, 3)
+        return FusedConfig(16, 32, 128, 4, 3)  # 4 stages spilled 8 B on sm_80 next to the segment term
+    if m <= 128:  # 64 x 32: 128 CTAs at N = 4096 fill an H200's 132 SMs (64 x 64 gave 64);
+        return FusedConfig(64, 32, 64, 4, 2)  # 3 stages spilled 16 B on Triton 3.6 / sm_80
+    # A tile shared by several segments holds a second [BM, BN] fp32 term (see the kernel): at
+    # 128 x 128 that spilled 112-352 B (AOT, sm_80 / sm_90); 128 x 64 over 8 warps fits.
+    return FusedConfig(128, 64, 64, 8, 3)
 
 
 def _block_r(r: int, elem: int = 2) -> int:
@@ -400,7 +421,8 @@ def _bgmv_block_k(block_r: int) -> int:
 
 def _segsum_tile(elem: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps, num_stages) of the segmented weight-gradient reduction."""
-    return (32, 64, 4, 3) if elem == 2 else (32, 32, 4, 3)
+    # bf16: 3 stages spilled 8 B at r = 64 on Triton 3.6 / sm_80 once D and R carry the JIT's hints
+    return (32, 64, 4, 2) if elem == 2 else (32, 32, 4, 3)
 
 
 def _shrink(x: Tensor, a_strides, a: Tensor, scales: Tensor, ranks: Tensor | None, order: Tensor, sorted_ids: Tensor,
@@ -598,8 +620,8 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
 
     Shape: x [M, K] | [B, ..., K] (ids per dim-0 sample) | [..., K] (ids per flattened row),
     weight [N, K], bias [N] | None, lora_a [T, r, K], lora_b [T, N, r], scales [T],
-    task_ids [M] int (-1 = no task) or a Routing, ranks [T] int (optional, each <= r; A/B
-    beyond a task's rank must be zero) -> y [..., N].
+    task_ids [M] int (-1 = no task) or a Routing, ranks [T] int (optional, each in [0, r]; A/B
+    rows / columns at or past a task's rank are never read: absent whatever they hold) -> y [..., N].
     """
     num_tasks = lora_a.shape[0] if lora_a.dim() == 3 else -1
     compiling = torch.compiler.is_compiling()
@@ -611,14 +633,15 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
     else:
         routing = Routing(task_ids, num_tasks)
     num_rows = routing.num_rows if routing is not None else ids.numel()
-    check_lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, num_rows)
-    if x.dtype == torch.float64:  # as lora_linear: no fp64 tensor-core path worth shipping
+    check_lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, num_rows, ranks)
+    if x.dtype == torch.float64 or num_tasks == 0:
+        # float64: as lora_linear, no fp64 tensor-core path worth shipping. T = 0: nothing to add,
+        # and the kernels would read element 0 of the empty scales / ranks.
         from .. import reference
 
-        return reference.lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, routing if routing is not None else ids)
+        return reference.lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales,
+                                           routing if routing is not None else ids, ranks=ranks)
     if ranks is not None:
-        if ranks.shape != (num_tasks,):
-            raise ValueError(f"lora_linear_mixed: ranks must be [T={num_tasks}], got {tuple(ranks.shape)}")
         ranks = ranks.to(device=x.device, dtype=torch.int32)
     k, n = x.shape[-1], weight.shape[0]
     lead = x.shape[:-1]
@@ -676,8 +699,13 @@ _LAYOUTS = {  # (kernel, use): (unit strides, strides divisible by 16)
 }
 
 
-def _signature(kernel, dtype: str, use: tuple[str, str], constexprs: dict, aligned: bool) -> tuple[dict, dict]:
+def _signature(kernel, dtype: str, use: tuple[str, str], constexprs: dict, aligned: bool, m: int | None = None) -> tuple[dict, dict]:
+    """The JIT's view of a launch: unit strides constant, multiples of 16 hinted (strides and the
+    sizes M, N, K, R, D when aligned), and M = 1 a constant (``m == 1``), as Triton specialises."""
     units, div16 = (set(v.split()) for v in _LAYOUTS[use])
+    div16 |= {"N", "K", "R", "D"} | ({"M"} if m is None or m % 16 == 0 else set())
+    if m == 1:
+        units.add("M")
     sig = {}
     for name in _ARGS[kernel].split():
         if name.endswith("_ptr"):
@@ -738,7 +766,7 @@ def _all_configs():
                             sig, cx = _signature(_fused_kernel, tt, ("fused", use),
                                                  {"HAS_BIAS": use == "fwd", "HAS_RANKS": has_ranks, "PRECISION": prec,
                                                   "INTERPRET": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                                                  "BLOCK_R": FUSED_BLOCK_R, "GROUP_M": 8}, aligned)
+                                                  "BLOCK_R": FUSED_BLOCK_R, "GROUP_M": 8}, aligned, m)
                             yield (f"fused/m{cfg.block_m}/{use}/{tag}", _fused_kernel, sig, cx, cfg.num_warps,
                                    cfg.num_stages, cfg.block_m >= 64 and elem == 2)
                     for use in ("dA", "dB"):
