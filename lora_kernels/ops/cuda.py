@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import reference
 from .checks import check_lora_linear, check_lora_linear_mixed
-from .cuda_toolkit import cuda_home
+from .cuda_toolkit import DEFAULT_ARCH_LIST, cuda_home
 from .dispatch import BackendStatus
 from .routing import Routing
 
@@ -142,6 +142,9 @@ def _jit_build(src: Path) -> None:
 
     if not cpp_extension.CUDA_HOME or not os.path.isfile(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h")):
         cpp_extension.CUDA_HOME = home  # it was imported before, and guessed a folder without the toolkit
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No GPU to ask (a build-only machine): torch would fail with an IndexError. Same default as setup.py.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST + "+PTX"
     sources = [str(src / "bindings.cpp")] + sorted(str(p) for p in src.glob("*.cu"))
     try:
         where = cpp_extension._get_build_directory(EXT_NAME, verbose=False)
