@@ -124,7 +124,11 @@ def main() -> int:
     env.update(LORA_KERNELS_BUILD_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        p = _run([str(PY), "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp, str(ROOT)], 1200,
+        # A clean copy of the tree: no build/ objects of an earlier build in the source folder.
+        src = Path(tmp) / "src"
+        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "dist", ".venv*", "*.egg-info", "*.so",
+                                                                 "__pycache__", ".pytest_cache", ".hypothesis"))
+        p = _run([str(PY), "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp, str(src)], 1200,
                  env=env)
         if p.returncode != 0:
             print(f"[cuda-build] FAIL: setup.py build\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
