@@ -66,6 +66,21 @@ def test_unmutated_sources_pass():
 
 
 @needs_cxx
+def test_sanitized_emulator_is_clean():
+    """The emulator built with ASan + UBSan runs every check case with no report (no stray store, no
+    shared-memory overflow, no misaligned access), which the checked loads alone would not show."""
+    import os
+
+    env = dict(os.environ, **emulator.sanitizer_env())
+    if not all(os.path.isfile(p) for p in env["LD_PRELOAD"].split(":")):
+        pytest.skip("no ASan/UBSan runtime for this compiler")
+    proc = subprocess.run([sys.executable, "-m", "tests.cuda_emu.check", "--sanitize"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env=env)
+    assert proc.returncode == 0 and "all cases pass" in proc.stdout, (
+        f"sanitized emulator run failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+
+
+@needs_cxx
 @pytest.mark.parametrize("mutant", load_mutants(), ids=lambda m: m.name)
 def test_mutant_is_caught(mutant, tmp_path):
     csrc = tmp_path / "csrc"

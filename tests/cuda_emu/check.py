@@ -1,4 +1,6 @@
-"""A quick verdict on one copy of csrc/: ``python -m tests.cuda_emu.check [CSRC_DIR]``.
+"""A quick verdict on one copy of csrc/: ``python -m tests.cuda_emu.check [--sanitize] [CSRC_DIR]``.
+
+``--sanitize`` builds the emulator with ASan + UBSan (run it with ``emulator.sanitizer_env()``).
 
 Builds the emulator from CSRC_DIR (default: the repo's csrc/) and runs a small set of cases that
 together reach every code path of lora_linear.cu (tensor-core and scalar paths, tails in M, N and K,
@@ -58,9 +60,11 @@ def cases(lib):
 
 
 def main(argv: list[str]) -> int:
-    csrc = Path(argv[0]) if argv else emu.ROOT / "csrc"
+    sanitize = "--sanitize" in argv
+    args = [a for a in argv if a != "--sanitize"]
+    csrc = Path(args[0]) if args else emu.ROOT / "csrc"
     with tempfile.TemporaryDirectory() as tmp:
-        lib = emu.build(Path(tmp) / "emu.so", csrc)
+        lib = emu.build(Path(tmp) / "emu.so", csrc, sanitize=sanitize)
         for name, case in cases(lib):
             try:
                 case()

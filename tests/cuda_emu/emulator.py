@@ -25,10 +25,26 @@ def compiler() -> str | None:
     return shutil.which("g++") or shutil.which("c++")
 
 
-def build(so: Path, csrc: Path = ROOT / "csrc") -> ctypes.CDLL:
+# AddressSanitizer + UndefinedBehaviorSanitizer build: catches what the checked loads do not see
+# (stores out of bounds, shared-memory arrays indexed past their end: `__shared__` is `static` here,
+# so a global-buffer-overflow; misaligned accesses, integer overflow). The python process must
+# preload the runtimes: see sanitizer_env().
+SANITIZE = ["-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+
+
+def sanitizer_env() -> dict:
+    """Environment for a python subprocess that loads a sanitized build (python itself is not instrumented)."""
+    libs = [subprocess.run([compiler(), f"-print-file-name={n}"], capture_output=True, text=True).stdout.strip()
+            for n in ("libasan.so", "libubsan.so")]
+    # detect_leaks=0: python's own allocations at exit are not ours to judge.
+    return {"LD_PRELOAD": ":".join(libs), "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+
+
+def build(so: Path, csrc: Path = ROOT / "csrc", sanitize: bool = False) -> ctypes.CDLL:
     """Compile harness.cpp + ``csrc``'s kernels into ``so`` and load it. Raises with the compiler output."""
-    cmd = [compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{EMU / 'include'}", f"-I{csrc}",
-           str(EMU / "harness.cpp"), "-o", str(so)]
+    cmd = [compiler(), "-std=c++20", "-O1", *(SANITIZE if sanitize else []), "-shared", "-fPIC",
+           f"-I{EMU / 'include'}", f"-I{csrc}", str(EMU / "harness.cpp"), "-o", str(so)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"the emulation harness does not compile:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}")
