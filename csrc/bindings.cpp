@@ -85,6 +85,19 @@ Device device_info(int index) {
   return dev;
 }
 
+// The weight as the kernels read it: rows of K contiguous elements, any row stride (ldw). A weight
+// that is a row slice or a column slice of a bigger matrix is used in place; only one whose rows are
+// not contiguous (e.g. a transposed view) is copied, and that copy is the whole W (32 MiB at
+// 4096x4096 bf16, several times the kernel's own time) on every call: warn (Python shows it once per
+// call site), naming the fix.
+at::Tensor rows_of_weight(const at::Tensor& weight, const char* op) {
+  if ((weight.stride(1) == 1 && weight.stride(0) >= weight.size(1)) || weight.is_contiguous()) return weight;
+  TORCH_WARN(op, ": weight with strides ", weight.strides(), " has non-contiguous rows, so it is copied to a ",
+             "contiguous tensor on every call (", weight.numel() * weight.element_size(), " bytes); store it ",
+             "contiguous once (weight.data = weight.contiguous()) to avoid the copy");
+  return weight.contiguous();
+}
+
 const void* opt_ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
 // Shrink into a fresh fp32 workspace [ksplit, M, r]; returns it (and ksplit via the out param).
@@ -132,7 +145,7 @@ at::Tensor run_fused(const char* op, DType dt, const Device& dev, const at::Tens
   lora_kernels::FusedArgs args{};
   args.dtype = dt;
   args.x = x2.data_ptr(); args.ldx = K;
-  args.w = w.data_ptr(); args.ldw = K;
+  args.w = w.data_ptr(); args.ldw = w.stride(0);
   args.bias = fused ? opt_ptr(bias) : nullptr;
   args.y = y.data_ptr(); args.ldy = N;
   args.M = M; args.N = N; args.K = fused ? K : 0;
@@ -142,7 +155,7 @@ at::Tensor run_fused(const char* op, DType dt, const Device& dev, const at::Tens
   args.accumulate = !fused;
   // Accumulate mode loads no x or W (K = 0): the tensor-core template is used for its 64-token
   // tiles (B rows read once per 64 rows instead of once per 8).
-  args.use_mma = dev.mma && (fused ? lora_kernels::can_use_mma(dt, x2.data_ptr(), K, w.data_ptr(), K, 0, K)
+  args.use_mma = dev.mma && (fused ? lora_kernels::can_use_mma(dt, x2.data_ptr(), K, w.data_ptr(), w.stride(0), 0, K)
                                    : dt != DType::kFloat32);
   // PDL only right behind a shrink launch: the fused kernel reads x before its griddepcontrol.wait,
   // so its programmatic predecessor must be a kernel that itself started after x was written.
@@ -178,7 +191,7 @@ at::Tensor cuda_lora_linear(const at::Tensor& x, const at::Tensor& weight, const
   const at::Tensor x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
   if (M == 0 || N == 0) return at::empty(out_shape, x.options());
-  const at::Tensor w = weight.contiguous(), a = lora_a.contiguous(), b = lora_b.contiguous();
+  const at::Tensor w = rows_of_weight(weight, op), a = lora_a.contiguous(), b = lora_b.contiguous();
   std::optional<at::Tensor> bc;
   if (bias.has_value()) bc = bias->contiguous();
   const Device dev = device_info(x.get_device());
@@ -231,7 +244,7 @@ at::Tensor cuda_lora_linear_mixed(const at::Tensor& x, const at::Tensor& weight,
   // per call): they come from a Routing, which validated the ids once per batch.
   const c10::cuda::CUDAGuard guard(x.device());
   if (M == 0 || N == 0) return at::empty({M, N}, x.options());
-  const at::Tensor x2 = x.contiguous(), w = weight.contiguous(), a = lora_a.contiguous(), b = lora_b.contiguous();
+  const at::Tensor x2 = x.contiguous(), w = rows_of_weight(weight, op), a = lora_a.contiguous(), b = lora_b.contiguous();
   const at::Tensor ids = task_ids.contiguous(), ord = order.contiguous(), tl = tiles.contiguous();
   const at::Tensor s32 = scales.to(x.device(), at::kFloat).contiguous();
   std::optional<at::Tensor> bc;

@@ -75,6 +75,19 @@ template <> struct Num<__nv_bfloat16> {
 
 __device__ __forceinline__ uint4 ld16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
+// A plain (coherent) global load, for data that another grid may still be writing while this one
+// runs: h, the shrink's output, under programmatic dependent launch (__ldg's non-coherent path is
+// only for data that is read-only for the kernel's whole life). tests/cuda_emu checks its bounds
+// and alignment like every __ldg.
+template <typename T>
+__device__ __forceinline__ T ld(const T* p) {
+#ifdef LK_CHECKED
+  return *LK_CHECKED(p);
+#else
+  return *p;
+#endif
+}
+
 // d += a·b for one m16n8k16 tile, fp32 accumulate.
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -116,9 +129,30 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 __device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+#elif defined(LK_EMULATE_PDL_WAIT)  // tests/cuda_emu: models the wait (and its absence below sm_90)
+  LK_EMULATE_PDL_WAIT();
+#endif
+}
+
+// A PDL launch is safe only if the code that runs has the wait compiled in, i.e. was compiled
+// for sm_90+. That is a property of the binary the driver picked for this device, not of the
+// device: an sm_80 cubin (or compute_80 PTX JIT-compiled) on an H100 has no griddepcontrol.wait
+// and would read h before the shrink wrote it. cudaFuncGetAttributes reports the binary's
+// architecture and the PTX it came from; the answer is cached per device (one query per device).
+template <typename Kernel>
+bool binary_has_pdl_wait(Kernel kernel) {
+  static signed char known[64] = {};  // 0 unknown, 1 yes, -1 no; per device ordinal
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (dev >= 0 && dev < 64 && known[dev] != 0) return known[dev] > 0;
+  cudaFuncAttributes fa{};
+  const bool ok = cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.binaryVersion >= 90 && fa.ptxVersion >= 90;
+  if (dev >= 0 && dev < 64) known[dev] = ok ? 1 : -1;
+  return ok;
 }
 
 #ifdef LK_LAUNCH_EX
@@ -183,13 +217,13 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
       const int64_t tile = z / p.subs;
       const int64_t i = (z % p.subs) * TM + tid;
       const int32_t* tl = p.tiles + 3 * tile;
-      task = tl[0];
-      if (i < tl[2]) row = p.order[tl[1] + i];
+      task = __ldg(tl);
+      if (i < __ldg(tl + 2)) row = __ldg(p.order + __ldg(tl + 1) + i);
     } else {
       const int64_t m = z * TM + tid;
       if (m < p.M) row = m;
     }
-    if (!SHRINK && row >= 0 && p.task_ids != nullptr) task = static_cast<int>(p.task_ids[row]);
+    if (!SHRINK && row >= 0 && p.task_ids != nullptr) task = static_cast<int>(__ldg(p.task_ids + row));
     rows_s[tid] = row;
     task_s[tid] = task;
   }
@@ -262,11 +296,11 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const int64_t row = rows_s[i];
-          xv[i] = row >= 0 ? Num<T>::f(x[row * p.ldx + k]) : 0.f;
+          xv[i] = row >= 0 ? Num<T>::f(__ldg(x + row * p.ldx + k)) : 0.f;
         }
 #pragma unroll
         for (int c = 0; c < kCols; ++c) {
-          const float wv = (n0 + c < p.N) ? Num<T>::f(w[(n0 + c) * p.ldw + k]) : 0.f;
+          const float wv = (n0 + c < p.N) ? Num<T>::f(__ldg(w + (n0 + c) * p.ldw + k)) : 0.f;
 #pragma unroll
           for (int i = 0; i < 8; ++i) acc[c][i] = fmaf(wv, xv[i], acc[c][i]);
         }
@@ -338,7 +372,7 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
           const int64_t row = rows_s[i];
           float v = 0.f;
           if (row >= 0 && task_s[i] >= 0 && jj < jn) {
-            for (int s = 0; s < p.ksplit; ++s) v += p.h_part[(static_cast<int64_t>(s) * p.M + row) * p.r + j0 + jj];
+            for (int s = 0; s < p.ksplit; ++s) v += ld(p.h_part + (static_cast<int64_t>(s) * p.M + row) * p.r + j0 + jj);
           }
           hs[i * (kRC + 1) + jj] = v;
         }
@@ -359,7 +393,7 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
               for (int v = 0; v < VEC; ++v) a = fmaf(hrow[jj + v], Num<T>::f(e[v]), a);
             }
           }
-          for (; jj < jn; ++jj) a = fmaf(hrow[jj], Num<T>::f(brow[jj]), a);
+          for (; jj < jn; ++jj) a = fmaf(hrow[jj], Num<T>::f(__ldg(brow + jj)), a);
           lora[q] += a;
         }
       }
@@ -374,11 +408,11 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
       if (row < 0) continue;
       const int t = task_s[tok];
       T* yp = y + row * p.ldy + n;
-      const float s = t >= 0 ? (p.scales != nullptr ? p.scales[t] : p.scale) : 0.f;
+      const float s = t >= 0 ? (p.scales != nullptr ? __ldg(p.scales + t) : p.scale) : 0.f;
       if (p.accumulate) {
         if (t >= 0) *yp = Num<T>::of(Num<T>::f(*yp) + s * lora[q]);  // t < 0: untouched, bit-exact base
       } else {
-        float v = out[q] + (bias != nullptr ? Num<T>::f(bias[n]) : 0.f);
+        float v = out[q] + (bias != nullptr ? Num<T>::f(__ldg(bias + n)) : 0.f);
         if (t >= 0) v += s * lora[q];  // t < 0: no LoRA term at all (not + 0·garbage)
         *yp = Num<T>::of(v);
       }
@@ -393,8 +427,8 @@ cudaError_t launch(const Params& p0, unsigned gx, unsigned gy, int64_t gz, cudaS
     Params p = p0;
     p.z_offset = off;
     const unsigned z = static_cast<unsigned>(gz - off < 65535 ? gz - off : 65535);
-    const cudaError_t err = LK_LAUNCH((skinny_kernel<T, MT, MMA, SHRINK>), dim3(gx, gy, z), kThreads, stream,
-                                      !SHRINK && p.pdl && off == 0, p);
+    const bool pdl = !SHRINK && p.pdl && off == 0 && binary_has_pdl_wait(skinny_kernel<T, MT, MMA, SHRINK>);
+    const cudaError_t err = LK_LAUNCH((skinny_kernel<T, MT, MMA, SHRINK>), dim3(gx, gy, z), kThreads, stream, pdl, p);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;

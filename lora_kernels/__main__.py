@@ -19,6 +19,9 @@ def info() -> int:
     print(f"default backend: {lk.ops.dispatch.current_backend()} (set with lk.set_backend or LORA_KERNELS_BACKEND)")
     for name, status in lk.available_backends().items():
         print(f"  {name:<7} {'yes' if status.available else 'no ':<4} {status.reason}")
+    from .ops import cuda
+
+    print(f"CUDA extension: {cuda.build_path()}")
     return 0
 
 

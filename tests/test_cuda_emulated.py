@@ -6,79 +6,32 @@ runs as 256 fibers on one thread, switched at barriers (__syncthreads, warp coll
 same kernel source as the GPU build is compiled with g++ (tests/cuda_emu/harness.cpp), so this
 checks the kernels' indexing, tiling, K splits, tails, the tensor-core fragment mapping, the
 expand epilogue, -1 rows and the mixed-task tiles against the float64 reference, with poisoned
-outputs and a NaN-poisoned workspace. What it cannot check: speed, races that only real
+outputs and a NaN-poisoned workspace. Every global load is checked against the input buffers
+(bounds and alignment: a read past a tensor or a misaligned 16-byte load fails the test), and the
+programmatic-dependent-launch race is modelled: the fused kernel launched with PDL sees the shrink's
+output only after its wait, and a binary without the wait (sm_80 code) must not be launched with PDL.
+What it cannot check: speed, races that only real
 concurrency shows, and the torch bindings (tests/test_cuda_ext.py covers those on a GPU).
 """
 
 from __future__ import annotations
 
-import ctypes
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 
-from lora_kernels.ops import cuda, reference
+from lora_kernels.ops import reference
 from lora_kernels.ops.routing import Routing
-from tests.utils import assert_close, poisoned
-
-ROOT = Path(__file__).resolve().parents[1]
-EMU = ROOT / "tests" / "cuda_emu"
-CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+from tests.cuda_emu import emulator
+from tests.cuda_emu.emulator import inputs as _inputs
+from tests.cuda_emu.emulator import run
+from tests.utils import assert_close
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
+    if emulator.compiler() is None:
         pytest.skip("no C++ compiler")
-    so = tmp_path_factory.mktemp("emu") / "emu.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{EMU / 'include'}", f"-I{ROOT / 'csrc'}",
-           str(EMU / "harness.cpp"), "-o", str(so)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"the emulation harness does not compile:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}"
-    lib = ctypes.CDLL(str(so))
-    lib.emu_forward.restype = ctypes.c_int
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.emu_forward.argtypes = [i32, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, i64, i32, p, f32, i32, i32, i32]
-    return lib
-
-
-def _ptr(t):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
-
-
-def run(lib, x, w, bias, a, b, *, scale=1.0, scales=None, routing=None, allow_mma=True, accumulate=False, y=None,
-        num_sms=132):
-    """One forward through the emulated kernels; returns (y, info code from the harness)."""
-    m, k = x.shape
-    n = w.shape[0]
-    r = a.shape[-2]
-    if y is None:
-        y = poisoned((m, n), x.dtype, "cpu")
-    tiles = order = ids = None
-    num_tiles, tt = 0, 0
-    if routing is not None:
-        tiles, tt = cuda.tiles_of(routing, "cpu")
-        order, ids, num_tiles = routing.order, routing.task_ids, tiles.shape[0]
-    info = lib.emu_forward(CODES[x.dtype], _ptr(x), _ptr(w), _ptr(bias), _ptr(a), _ptr(b), _ptr(y), m, n, k, r,
-                           _ptr(ids), _ptr(order), _ptr(tiles), num_tiles, tt, _ptr(scales), float(scale),
-                           int(allow_mma), int(accumulate), num_sms)
-    assert info >= 0
-    return y, info
-
-
-def _inputs(m, k, n, r, dtype, t=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lead = () if t is None else (t,)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
-    bias = torch.randn(n, generator=g).to(dtype)
-    a = (torch.randn(*lead, r, k, generator=g) / k ** 0.5).to(dtype)
-    b = torch.randn(*lead, n, r, generator=g).to(dtype)
-    return x, w, bias, a, b
+    return emulator.build(tmp_path_factory.mktemp("emu") / "emu.so")
 
 
 SINGLE = [  # (M, K, N, r): tails in every dim, r over the 64-wide expand chunk, several K splits
@@ -165,3 +118,22 @@ def test_mixed_expand_only(emu):
     ref = reference.lora_linear_mixed(x.double(), w.double(), bias.double(), a.double(), b.double(), scales.double(), ids)
     assert_close(y, ref, dtype)
     assert torch.equal(y[ids < 0], base[ids < 0]), "-1 rows must keep the base output bit for bit"
+
+
+@pytest.mark.parametrize("binary_version", [80, 90])
+def test_pdl_only_when_the_binary_has_the_wait(emu, binary_version):
+    """On an sm_90 device running sm_80 code (no griddepcontrol.wait compiled in), PDL would read h
+    before the shrink wrote it: the launcher must decide on the binary's architecture."""
+    dtype = torch.bfloat16
+    x, w, bias, a, b = _inputs(8, 264, 24, 8, dtype, seed=4)
+    y, _ = run(emu, x, w, bias, a, b, scale=0.5, binary_version=binary_version)
+    assert_close(y, reference.lora_linear(x.double(), w.double(), bias.double(), a.double(), b.double(), 0.5), dtype)
+
+
+@pytest.mark.parametrize("r", [1, 3, 5, 12])
+def test_b_rows_not_16_byte_aligned(emu, r):
+    """Ranks whose B rows are not a multiple of 16 bytes: the expand must not use 16-byte loads."""
+    dtype = torch.bfloat16
+    x, w, bias, a, b = _inputs(4, 64, 20, r, dtype, seed=r)
+    y, _ = run(emu, x, w, bias, a, b, scale=1.0)
+    assert_close(y, reference.lora_linear(x.double(), w.double(), bias.double(), a.double(), b.double(), 1.0), dtype)

@@ -104,6 +104,51 @@ def test_half_kernels_use_tensor_cores(compiled, arch):
     assert "HMMA" in sass, f"no HMMA (mma.sync) instructions in the {arch} SASS of lora_linear.cu"
 
 
+def _ptxas_resources(log: str, arch: str) -> dict:
+    """{(dtype, MT, mma, shrink): (registers, static smem bytes)} of skinny_kernel from ``-Xptxas -v``."""
+    out, cur = {}, None
+    for line in log.splitlines():
+        m = re.search(r"skinny_kernelI(\w+?)Li(\d)ELb(\d)ELb(\d)EE.*for '(\w+)'", line)
+        if "Compiling entry" in line:
+            cur = (m.group(1), int(m.group(2)), m.group(3) == "1", m.group(4) == "1") if m and m.group(5) == arch else None
+        used = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
+        if used and cur is not None:
+            out[cur] = (int(used.group(1)), int(used.group(2)))
+            cur = None
+    return out
+
+
+def test_launch_plan_resources_match_the_compile(compiled):
+    """lora_kernels.plan.cuda's registers and shared memory are what ptxas reports (sm_90a, fused bf16)."""
+    from lora_kernels.plan import cuda as plan
+
+    rc, log, _, _ = compiled["lora_linear.cu"]
+    assert rc == 0
+    res = _ptxas_resources(log, "sm_90a")
+    for mt in (1, 2, 4, 8):
+        regs, smem = res[("13__nv_bfloat16", mt, True, False)]
+        assert smem == plan.SMEM[mt], f"MT={mt}: ptxas says {smem} B of shared memory, the plan {plan.SMEM[mt]}"
+        # -O2 here vs -O3 in the real build: a register or two either way does not change blocks per SM
+        assert abs(regs - plan.REGS[mt]) <= 8, f"MT={mt}: ptxas says {regs} registers, the plan {plan.REGS[mt]}"
+
+
+def test_launch_plan_rules():
+    """Design rules of the CUDA kernels' launch plan (predictions; printed for the report)."""
+    from lora_kernels.plan import cuda as plan
+    from lora_kernels.plan.gpus import GPUS
+
+    for gpu in GPUS.values():
+        rows = plan.plan_rows(gpu, ranks=(8, 16, 64), ms=(1, 16, 64))
+        rows += plan.plan_rows(gpu, ranks=(16,), ms=(16, 64), distinct=True)
+        print(f"\n{gpu.name} (predictions)\n" + plan.format_rows(rows))
+        for r in rows:
+            where = f"{gpu.name} {r['K']}->{r['N']} r={r['r']} M={r['M']} T={r['T']}"
+            assert r["label"] == "prediction"
+            assert r["bytes_ratio"] <= 1.03, f"{where}: moves {r['bytes_ratio']}x the minimum bytes"
+            if r["N"] >= 4096:
+                assert r["blocks_per_sm_grid"] >= 1, f"{where}: the grid leaves SMs idle"
+
+
 def test_kernel_files_include_only_cuda_headers():
     allowed_std = {"cstdint", "cstddef", "climits", "cfloat", "cmath", "type_traits", "utility", "algorithm"}
     for path in sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh")):
@@ -372,6 +417,29 @@ def test_single_misaligned_and_strided(ext, dtype):
     ref = _ref_single(x, w, bb, a, b, 2.0)
     assert_close(y, ref, dtype)
     assert_close(y3, _ref_single(x, w, None, a, b, 2.0).view(1, m, n), dtype)
+
+
+@pytest.mark.gpu
+def test_weight_slices_are_not_copied(ext):
+    """A weight with contiguous rows and a longer row stride (a column slice) is read in place: no
+    per-call copy of W; one with non-contiguous rows (a transposed view) is copied with a warning."""
+    dtype = torch.bfloat16
+    m, k, n, r = 4, 512, 264, 8
+    x, w, bb, a, b = _single_inputs(m, k, n, r, dtype, seed=7)
+    wide = torch.randn(n, k + 64, device="cuda", dtype=dtype)
+    wide[:, :k] = w
+    ws = wide[:, :k]  # row stride k + 64
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        before = torch.cuda.memory_stats().get("allocation.all.allocated", 0)
+        y = ext.lora_linear(x, ws, bb, a, b, 1.0)
+        torch.cuda.synchronize()
+        allocs = torch.cuda.memory_stats().get("allocation.all.allocated", 0) - before
+    assert_close(y, _ref_single(x, w, bb, a, b, 1.0), dtype)
+    assert allocs <= 2, f"{allocs} allocations for a strided weight: expected y and the h workspace only"
+    with torch.no_grad(), pytest.warns(UserWarning, match="non-contiguous rows"):
+        yt = ext.lora_linear(x, w.t().contiguous().t(), bb, a, b, 1.0)
+    assert_close(yt, _ref_single(x, w, bb, a, b, 1.0), dtype)
 
 
 @pytest.mark.gpu

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import shutil
 import sys
 import threading
@@ -37,10 +36,11 @@ from torch import Tensor
 
 from . import reference
 from .checks import check_lora_linear, check_lora_linear_mixed
+from .cuda_toolkit import DEFAULT_ARCH_LIST, cuda_home
 from .dispatch import BackendStatus
 from .routing import Routing
 
-__all__ = ["status", "load", "lora_linear", "lora_linear_mixed", "csrc_dir", "EXT_NAME"]
+__all__ = ["status", "build_path", "load", "lora_linear", "lora_linear_mixed", "csrc_dir", "EXT_NAME"]
 
 EXT_NAME = "lora_kernels_cuda"      # JIT build name
 PREBUILT = "lora_kernels._cuda"     # setup.py's extension module
@@ -67,32 +67,6 @@ def _prebuilt() -> str | None:
     except (ImportError, ValueError):
         return None
     return spec.origin if spec is not None and spec.origin and os.path.isfile(spec.origin) else None
-
-
-def cuda_home() -> str | None:
-    """The CUDA toolkit root: bin/nvcc and include/cuda_runtime.h under one folder.
-
-    Like torch.utils.cpp_extension (CUDA_HOME / CUDA_PATH, then nvcc on PATH, then
-    /usr/local/cuda), except that an nvcc on PATH that is a wrapper script outside the toolkit
-    (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc) is followed to the toolkit.
-    """
-    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    found = shutil.which("nvcc")
-    if found:
-        cands += [os.path.dirname(os.path.dirname(found)), os.path.dirname(os.path.dirname(os.path.realpath(found))),
-                  "/usr/local/cuda"]
-        try:  # a wrapper script: the toolkit path it runs
-            with open(found, "rb") as f:
-                head = f.read(4096)
-            if head.startswith(b"#!"):
-                cands += [os.path.dirname(os.path.dirname(p.decode())) for p in re.findall(rb"(/\S+/bin/nvcc)\b", head)]
-        except OSError:
-            pass
-    cands.append("/usr/local/cuda")
-    for home in cands:
-        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
-            return home
-    return None
 
 
 def _find_nvcc() -> str | None:
@@ -133,6 +107,25 @@ def status() -> BackendStatus:
     return _status
 
 
+def build_path() -> str:
+    """Which way the extension comes (or would come) to this process, for ``lora-kernels info``.
+
+    Cheap and side-effect free: looks at files and the toolkit, never builds or loads.
+    """
+    if _loaded is not None:
+        return f"loaded ({_loaded})"
+    pre = _prebuilt()
+    if pre is not None:
+        return f"prebuilt by setup.py: {pre}"
+    src = csrc_dir()
+    if src is None:
+        return "no prebuilt extension and no csrc/ sources: cannot be built (reinstall lora_kernels)"
+    home = cuda_home()
+    if home is None:
+        return f"JIT from {src} on first use, but no CUDA toolkit found (set CUDA_HOME)"
+    return f"JIT from {src} with {home}/bin/nvcc on first use (cached in the torch extensions folder)"
+
+
 def built() -> bool:
     """True once the extension is loaded or was prebuilt by setup.py.
 
@@ -149,6 +142,9 @@ def _jit_build(src: Path) -> None:
 
     if not cpp_extension.CUDA_HOME or not os.path.isfile(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h")):
         cpp_extension.CUDA_HOME = home  # it was imported before, and guessed a folder without the toolkit
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No GPU to ask (a build-only machine): torch would fail with an IndexError. Same default as setup.py.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST + "+PTX"
     sources = [str(src / "bindings.cpp")] + sorted(str(p) for p in src.glob("*.cu"))
     try:
         where = cpp_extension._get_build_directory(EXT_NAME, verbose=False)

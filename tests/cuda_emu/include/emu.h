@@ -12,6 +12,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -37,6 +38,7 @@ typedef int cudaError_t;
 enum { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 typedef void* cudaStream_t;
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+struct cudaFuncAttributes { int binaryVersion; int ptxVersion; };
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
 
 struct __half { uint16_t bits; };
@@ -93,6 +95,56 @@ using std::min;
 
 namespace emu {
 constexpr int kThreads = 256;
+
+// --- Checked global loads: every __ldg must read inside a buffer the harness registered, at the
+// alignment of its type (a 16-byte load of a 2-byte-aligned row is a misaligned-address fault on a
+// GPU, and a read past a tensor's end is garbage or a fault there). A bad load is recorded (the
+// first one, for the report) and reads zero instead of touching the memory.
+struct Range { uintptr_t begin, end; const char* name; };
+inline std::vector<Range> g_ranges;
+inline char g_fault[256] = "";
+inline void check_load(const void* ptr, size_t bytes, size_t align) {
+  const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
+  if (g_fault[0]) return;
+  if (p % align != 0) {
+    snprintf(g_fault, sizeof g_fault, "misaligned %zu-byte load at %#lx (needs %zu-byte alignment)", bytes,
+             static_cast<unsigned long>(p), align);
+    return;
+  }
+  for (const Range& r : g_ranges)
+    if (p >= r.begin && p + bytes <= r.end) return;
+  snprintf(g_fault, sizeof g_fault, "out-of-bounds %zu-byte load at %#lx (in no input buffer)", bytes,
+           static_cast<unsigned long>(p));
+}
+
+// --- Programmatic dependent launch. On an sm_90 GPU the fused kernel launched with PDL runs while
+// the shrink still writes h: what it reads of the shrink's output before griddepcontrol.wait is
+// stale. Modelled as: at a PDL launch the harness hides the primary's output (fills it with NaN)
+// and the first executed wait restores it. A wait only exists in code compiled for sm_90+
+// (`g_binary_version`: the architecture of the binary the driver runs, which cudaFuncGetAttributes
+// reports), as on the GPU where `griddepcontrol.wait` is compiled only under __CUDA_ARCH__ >= 900.
+inline int g_binary_version = 90;
+inline int g_device = 0;
+inline std::function<void()> g_pdl_hide, g_pdl_release;
+inline bool g_pdl_pending = false;
+inline void pdl_begin(bool pdl) {
+  if (pdl && g_pdl_hide) {
+    g_pdl_hide();
+    g_pdl_pending = true;
+  }
+}
+inline void pdl_wait() {
+  if (g_binary_version >= 90 && g_pdl_pending) {
+    g_pdl_pending = false;
+    g_pdl_release();
+  }
+}
+inline void pdl_end() {  // the primary has long finished once the dependent grid completes
+  if (g_pdl_pending) {
+    g_pdl_pending = false;
+    g_pdl_release();
+  }
+}
 constexpr size_t kStack = 64 * 1024;
 
 struct Fiber {
@@ -236,9 +288,28 @@ inline float __shfl_xor_sync(unsigned, float v, int off) {
   emu::warp_barrier();
   return r;
 }
-template <class T> inline T __ldg(const T* p) { return *p; }
+namespace emu {
+// The pointer to read: p itself, or (after a bad load) a zero of the type, so nothing outside the
+// inputs is ever touched.
+template <class T> inline const T* checked(const T* p) {
+  static const T zero{};
+  check_load(p, sizeof(T), alignof(T));
+  return g_fault[0] ? &zero : p;
+}
+}  // namespace emu
+#define LK_CHECKED(p) ::emu::checked(p)
+template <class T> inline T __ldg(const T* p) { return *emu::checked(p); }
+template <class F> inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) {
+  a->binaryVersion = a->ptxVersion = emu::g_binary_version;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = emu::g_device;
+  return cudaSuccess;
+}
 [[noreturn]] inline void __trap() { std::abort(); }
 
 #define LK_EMULATE_MMA(d, a0, a1, a2, a3, b0, b1, T) ::emu::mma<T>(d, a0, a1, a2, a3, b0, b1)
+#define LK_EMULATE_PDL_WAIT() ::emu::pdl_wait()
 #define LK_LAUNCH(kernel, grid, block, stream, pdl, ...) \
-  (::emu::launch([&] { kernel(__VA_ARGS__); }, grid, block), cudaSuccess)
+  (::emu::pdl_begin(pdl), ::emu::launch([&] { kernel(__VA_ARGS__); }, grid, block), ::emu::pdl_end(), cudaSuccess)

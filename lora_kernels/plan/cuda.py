@@ -1,0 +1,105 @@
+"""Launch plan of the CUDA extension's kernels (csrc/lora_linear.cu), per benchmark case and GPU.
+
+Every time here is a **prediction** of a stated model, not a measurement; a GPU run
+(``python/gpu_check_cuda.py``) that disagrees corrects the constants below.
+
+Per op call (decode, M <= 64: shrink + fused; prefill: cuBLAS base + shrink + expand-only), a row gives:
+the kernels and grids, blocks per SM (256-thread blocks, from the registers and shared memory that
+``nvcc -Xptxas -v`` reports, checked by tests/test_cuda_ext.py), HBM bytes against the minimum
+(W, x, y once and each present task's A and B once), and two times: the roofline time at the
+attainable bandwidth, and the latency-bound time of Little's law, ``bytes / min(BW, SMs x
+bytes in flight per SM / latency)``, with the 16-byte loads each thread keeps in flight as read in
+the SASS (the unrolled loop asks for U·(2 + MT); ptxas keeps fewer in flight: LOADS_IN_FLIGHT).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .gpus import GPU
+
+THREADS = 256               # per block, both kernels
+COLS = 16                   # output columns (rows of W, or of A in the shrink) per block
+# Registers/thread and static shared memory (bytes) of the fused bf16/fp16 tensor-core kernel per
+# MT (tokens per block = 8·MT), as ptxas reports for sm_90a (nvcc 13.0, -O3); tests/test_cuda_ext.py
+# checks them against the compile, so they cannot drift from the code.
+REGS = {1: 48, 2: 62, 4: 62, 8: 80}
+SMEM = {1: 4192, 2: 8384, 4: 16768, 8: 33536}
+# 16-byte loads in flight per thread in the K loop, as scheduled by ptxas (SASS of sm_90a): the
+# predicated loads keep at most 4 and ~2 on average in flight (labelled: read from the SASS,
+# tests/test_cuda_ext.py re-reads the maximum).
+LOADS_IN_FLIGHT = 2.0
+HBM_LATENCY_S = 700e-9      # loaded HBM latency (H100/H200 class), a model constant
+FUSED_MAX_ROWS = 64         # bindings.cpp kFusedMaxRows
+
+
+def tile_tokens(m: int) -> int:
+    return 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def blocks_per_sm(gpu: GPU, mt: int) -> int:
+    """Resident 256-thread blocks per SM, by registers, shared memory and threads."""
+    by_regs = gpu.regs_per_sm // (REGS[mt] * THREADS)
+    by_smem = gpu.smem_per_sm // SMEM[mt]
+    by_threads = gpu.max_threads_per_sm // THREADS
+    return max(1, min(by_regs, by_smem, by_threads, gpu.max_blocks_per_sm))
+
+
+def plan_row(gpu: GPU, k: int, n: int, r: int, m: int, tasks: int = 1, elem: int = 2) -> dict:
+    """One case: ``m`` tokens, ``tasks`` distinct tasks present (1 = single task), bf16/fp16 (elem = 2)."""
+    fused = m <= FUSED_MAX_ROWS
+    tm = tile_tokens(m) if fused else 64
+    mt = tm // 8
+    grid = math.ceil(n / COLS) * math.ceil(m / tm)
+    resident = blocks_per_sm(gpu, mt)
+    per_sm = grid / gpu.sms
+    active = min(per_sm, resident)  # blocks streaming W at once per SM (first wave)
+    t = max(1, min(tasks, m))
+    w_bytes = n * k * elem
+    adapters = t * r * (k + n) * elem
+    io = m * (k + n) * elem
+    minimum = w_bytes + adapters + io
+    # What the kernels move: + the fp32 h partials (written once, read by every column block's epilogue
+    # from L2, so HBM sees them once) and, for prefill, cuBLAS's y write + the expand's y read-modify-write.
+    h_bytes = 2 * m * r * 4
+    moved = minimum + h_bytes + (0 if fused else 2 * m * n * elem)
+    bw = gpu.bw * gpu.bw_eff
+    in_flight = active * THREADS * LOADS_IN_FLIGHT * 16  # bytes per SM
+    bw_latency = min(bw, gpu.sms * in_flight / HBM_LATENCY_S)
+    flops = 2 * m * n * k + 2 * m * r * (k + n)
+    compute = flops / (gpu.tc_bf16 * gpu.tc_eff)
+    launches = 2 if fused else 3
+    base_time = max(w_bytes + io, 0) / bw if fused else max((w_bytes + io) / bw, 2 * m * n * k / (gpu.tc_bf16 * gpu.tc_eff))
+    predicted = max(moved / bw_latency, compute) + gpu.launch_s  # PDL overlaps the shrink with the W stream
+    return {
+        "gpu": gpu.name, "K": k, "N": n, "r": r, "M": m, "T": t,
+        "kernels": "shrink+fused" if fused else "cuBLAS+shrink+expand", "launches": launches,
+        "grid": grid, "blocks_per_sm_resident": resident, "blocks_per_sm_grid": round(per_sm, 2),
+        "warps_per_sm": round(active * THREADS / 32, 1),
+        "bytes": moved, "bytes_min": minimum, "bytes_ratio": round(moved / minimum, 4),
+        "in_flight_kib_per_sm": round(in_flight / 1024, 1),
+        "needed_kib_per_sm": round(bw * HBM_LATENCY_S / gpu.sms / 1024, 1),
+        "predicted_us": round(predicted * 1e6, 2),
+        "base_predicted_us": round((base_time + gpu.launch_s) * 1e6, 2),
+        "predicted_vs_base": round(predicted / (base_time + gpu.launch_s), 3),
+        "label": "prediction",
+    }
+
+
+CASES_KN = [(4096, 4096), (4096, 6144), (4096, 14336), (14336, 4096), (4096, 1024)]
+
+
+def plan_rows(gpu: GPU, ranks=(16,), ms=(1, 16, 64), distinct=False) -> list[dict]:
+    """The launch plan of the CUDA kernels for the benchmark shapes (DESIGN §7) on ``gpu``.
+
+    ``distinct``: every token its own task (T = M), the mixed-task worst case.
+    """
+    return [plan_row(gpu, k, n, r, m, tasks=m if distinct else 1) for k, n in CASES_KN for r in ranks for m in ms]
+
+
+def format_rows(rows: list[dict]) -> str:
+    cols = ["K", "N", "r", "M", "T", "grid", "blocks_per_sm_grid", "warps_per_sm", "bytes_ratio",
+            "in_flight_kib_per_sm", "needed_kib_per_sm", "predicted_us", "base_predicted_us", "predicted_vs_base"]
+    out = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    out += [" | ".join(str(r[c]) for c in cols) for r in rows]
+    return "\n".join(out)

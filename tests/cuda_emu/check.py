@@ -1,0 +1,79 @@
+"""A quick verdict on one copy of csrc/: ``python -m tests.cuda_emu.check [--sanitize] [CSRC_DIR]``.
+
+``--sanitize`` builds the emulator with ASan + UBSan (run it with ``emulator.sanitizer_env()``).
+
+Builds the emulator from CSRC_DIR (default: the repo's csrc/) and runs a small set of cases that
+together reach every code path of lora_linear.cu (tensor-core and scalar paths, tails in M, N and K,
+K splits, ranks over the 64-wide expand chunk, odd ranks whose B rows are not 16-byte aligned,
+mixed tasks with -1 rows, the expand-only mode, PDL on an sm_90 and an sm_80 binary) against the
+float64 reference with the elementwise tolerance helper. Exit 0: all pass; 1: a case failed (the
+first failure is printed). Run in a subprocess by tests/test_cuda_mutants.py, so a mutant that
+crashes the process is a caught mutant too, and pytest survives it.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lora_kernels.ops import reference
+from lora_kernels.ops.routing import Routing
+from tests.cuda_emu import emulator as emu
+from tests.utils import assert_close
+
+
+def cases(lib):
+    """(name, thunk) pairs; each thunk raises AssertionError on a wrong result."""
+    def single(m, k, n, r, dtype, num_sms=132, binary_version=90, bias=True):
+        x, w, b0, a, b = emu.inputs(m, k, n, r, dtype, seed=m + k + n + r)
+        b0 = b0 if bias else None
+        y, _ = emu.run(lib, x, w, b0, a, b, scale=0.75, num_sms=num_sms, binary_version=binary_version)
+        d = lambda t: None if t is None else t.double()  # noqa: E731
+        assert_close(y, reference.lora_linear(d(x), d(w), d(b0), d(a), d(b), 0.75), dtype, f"single {m}x{k}->{n} r={r}")
+
+    def mixed(m, k, n, r, t, dtype, accumulate=False):
+        x, w, b0, a, b = emu.inputs(m, k, n, r, dtype, t=t, seed=m * t)
+        scales = torch.rand(t, generator=torch.Generator().manual_seed(1)) + 0.5
+        ids = torch.randint(-1, t, (m,), generator=torch.Generator().manual_seed(m)).long()
+        y0 = torch.nn.functional.linear(x, w, b0).clone() if accumulate else None
+        y, _ = emu.run(lib, x, w, b0, a, b, scales=scales, routing=Routing(ids, t), accumulate=accumulate, y=y0)
+        ref = reference.lora_linear_mixed(x.double(), w.double(), b0.double(), a.double(), b.double(), scales.double(), ids)
+        assert_close(y, ref, dtype, f"mixed {m}x{k}->{n} r={r} T={t}")
+
+    bf, f32, f16 = torch.bfloat16, torch.float32, torch.float16
+    return [
+        ("bf16 M=1 tails", lambda: single(1, 264, 40, 5, bf)),
+        ("bf16 M=13 r=70", lambda: single(13, 520, 33, 70, bf)),
+        ("fp16 M=40 K splits", lambda: single(40, 1040, 24, 16, f16, num_sms=8)),
+        ("bf16 M=64", lambda: single(64, 256, 17, 3, bf)),
+        ("bf16 wide N=4096", lambda: single(8, 64, 4096, 4, bf)),
+        ("fp32 scalar path", lambda: single(5, 72, 19, 4, f32, bias=False)),
+        ("bf16 K % 8 != 0", lambda: single(3, 37, 18, 2, bf)),
+        ("bf16 sm_80 binary", lambda: single(8, 264, 24, 8, bf, binary_version=80)),
+        ("bf16 mixed", lambda: mixed(20, 72, 33, 5, 4, bf)),
+        ("fp32 mixed", lambda: mixed(9, 40, 17, 3, 3, f32)),
+        ("bf16 expand only", lambda: mixed(70, 48, 20, 6, 3, bf, accumulate=True)),
+    ]
+
+
+def main(argv: list[str]) -> int:
+    sanitize = "--sanitize" in argv
+    args = [a for a in argv if a != "--sanitize"]
+    csrc = Path(args[0]) if args else emu.ROOT / "csrc"
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = emu.build(Path(tmp) / "emu.so", csrc, sanitize=sanitize)
+        for name, case in cases(lib):
+            try:
+                case()
+            except AssertionError as e:
+                print(f"FAILED {name}: {e}")
+                return 1
+    print("all cases pass")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

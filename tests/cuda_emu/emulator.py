@@ -1,0 +1,98 @@
+"""Build and call the host emulation of csrc/lora_linear.cu (see include/emu.h and harness.cpp).
+
+Used by tests/test_cuda_emulated.py (the kernels against the float64 reference) and by the
+mutation check (``python -m tests.cuda_emu.check``, run by tests/test_cuda_mutants.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from lora_kernels.ops import cuda
+from tests.utils import poisoned
+
+EMU = Path(__file__).resolve().parent
+ROOT = EMU.parents[1]
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def compiler() -> str | None:
+    return shutil.which("g++") or shutil.which("c++")
+
+
+# AddressSanitizer + UndefinedBehaviorSanitizer build: catches what the checked loads do not see
+# (stores out of bounds, shared-memory arrays indexed past their end: `__shared__` is `static` here,
+# so a global-buffer-overflow; misaligned accesses, integer overflow). The python process must
+# preload the runtimes: see sanitizer_env().
+SANITIZE = ["-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+
+
+def sanitizer_env() -> dict:
+    """Environment for a python subprocess that loads a sanitized build (python itself is not instrumented)."""
+    libs = [subprocess.run([compiler(), f"-print-file-name={n}"], capture_output=True, text=True).stdout.strip()
+            for n in ("libasan.so", "libubsan.so")]
+    # detect_leaks=0: python's own allocations at exit are not ours to judge.
+    return {"LD_PRELOAD": ":".join(libs), "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+
+
+def build(so: Path, csrc: Path = ROOT / "csrc", sanitize: bool = False) -> ctypes.CDLL:
+    """Compile harness.cpp + ``csrc``'s kernels into ``so`` and load it. Raises with the compiler output."""
+    cmd = [compiler(), "-std=c++20", "-O1", *(SANITIZE if sanitize else []), "-shared", "-fPIC",
+           f"-I{EMU / 'include'}", f"-I{csrc}", str(EMU / "harness.cpp"), "-o", str(so)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the emulation harness does not compile:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    lib = ctypes.CDLL(str(so))
+    lib.emu_forward.restype = ctypes.c_int
+    lib.emu_fault.restype = ctypes.c_char_p
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.emu_forward.argtypes = [i32, p, p, p, p, p, p, i64, i64, i64, i64, i64, p, p, p, i64, i32, p, f32, i32, i32,
+                                i32, i32]
+    return lib
+
+
+def _ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def run(lib, x, w, bias, a, b, *, scale=1.0, scales=None, routing=None, allow_mma=True, accumulate=False, y=None,
+        num_sms=132, binary_version=90):
+    """One forward through the emulated kernels; returns (y, info code from the harness).
+
+    Fails (AssertionError) when a launcher failed or a load was out of bounds or misaligned.
+    """
+    m, k = x.shape
+    n = w.shape[0]
+    r = a.shape[-2]
+    t = a.shape[0] if a.dim() == 3 else 1
+    if y is None:
+        y = poisoned((m, n), x.dtype, "cpu")
+    tiles = order = ids = None
+    num_tiles, tt = 0, 0
+    if routing is not None:
+        tiles, tt = cuda.tiles_of(routing, "cpu")
+        order, ids, num_tiles = routing.order, routing.task_ids, tiles.shape[0]
+    info = lib.emu_forward(CODES[x.dtype], _ptr(x), _ptr(w), _ptr(bias), _ptr(a), _ptr(b), _ptr(y), m, n, k, r, t,
+                           _ptr(ids), _ptr(order), _ptr(tiles), num_tiles, tt, _ptr(scales), float(scale),
+                           int(allow_mma), int(accumulate), num_sms, binary_version)
+    assert info != -2, f"the kernels made a bad global load: {lib.emu_fault().decode()}"
+    assert info >= 0, f"a launcher failed (harness code {info})"
+    return y, info
+
+
+def inputs(m, k, n, r, dtype, t=None, seed=0):
+    """randn inputs at unit-ish output scale: x [m, k], w [n, k], bias [n], a [(t,) r, k], b [(t,) n, r]."""
+    g = torch.Generator().manual_seed(seed)
+    lead = () if t is None else (t,)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    a = (torch.randn(*lead, r, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(*lead, n, r, generator=g).to(dtype)
+    return x, w, bias, a, b
