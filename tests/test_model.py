@@ -360,7 +360,7 @@ BAD_CALLS = [
     ("invalid name", lambda m, x: m.add_task("x.y"), ValueError, "invalid task name"),
     ("empty name", lambda m, x: m.add_task(""), ValueError, "invalid task name"),
     ("non-str name", lambda m, x: m.add_task(3), ValueError, "invalid task name"),
-    ("rank too big", lambda m, x: m.add_task("c", rank=10_000), ValueError, "rank"),
+    ("rank negative", lambda m, x: m.add_task("c", rank=-2), ValueError, "rank"),
     ("rank zero", lambda m, x: m.add_task("c", rank=0), ValueError, "rank"),
     ("rank vs groups", lambda m, x: m.add_task("c", rank=3), ValueError, "multiple of its groups"),
     ("bad dropout", lambda m, x: m.add_task("c", dropout=1.5), ValueError, "dropout"),
@@ -396,18 +396,24 @@ def test_errors_are_clear_and_change_nothing(net_model, name, call, exc, match):
     assert torch.equal(net_model(ids, task=["a", "b", None, "a"]), y_before)
 
 
-def test_layer_whose_dim0_is_not_the_batch_is_named():
+def test_flattened_rows_are_routed_and_a_layer_whose_dim0_is_not_the_batch_is_named():
     class Flattens(nn.Module):
-        def __init__(self):
+        def __init__(self, seq_major: bool):
             super().__init__()
             self.fc = nn.Linear(4, 4)
+            self.seq_major = seq_major
 
-        def forward(self, x):
-            return self.fc(x.reshape(-1, 4))  # [B, S, 4] -> [B*S, 4]: rows are no longer samples
+        def forward(self, x):  # [B, S, 4] -> [B*S, 4] (batch-major) or [S*B, 4] (sequence-major)
+            return self.fc((x.transpose(0, 1) if self.seq_major else x).reshape(-1, 4))
 
-    model = lk.Model(Flattens()).add_task("a")
-    with pytest.raises(ValueError, match="layer 'fc'"):
-        model(torch.randn(2, 3, 4), task=["a", None])
+    x = torch.randn(2, 3, 4)
+    model = lk.Model(Flattens(seq_major=False)).add_task("a", init="gaussian")
+    model.layers["fc"].adapters["a"].lora_B.weight.data.normal_()
+    y = model(x, task=["a", None])  # batch-major [B*S, H]: the layout is learnt, rows follow their sample
+    assert torch.allclose(y[:3], model(x[:1], task="a"), atol=1e-6) and torch.equal(y[3:], model(x[1:]))
+    model = lk.Model(Flattens(seq_major=True)).add_task("a")
+    with pytest.raises(ValueError, match=r"\['fc'\]"):  # interleaved rows: refused, never guessed
+        model(x, task=["a", None])
 
 
 # --- routing is per call -----------------------------------------------------------------------
