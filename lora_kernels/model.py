@@ -32,7 +32,7 @@ _PROBE_LOCK = threading.RLock()
 _PROBING: contextvars.ContextVar = contextvars.ContextVar("lora_kernels_probe", default=None)
 # Inputs a layout probe does not slice or pass: a KV cache (the probe runs without one) and
 # cache positions (dim 0 is the sequence, not the batch).
-_PROBE_DROP = ("past_key_values", "past_key_value", "cache_position", "use_cache", "encoder_outputs")
+_PROBE_DROP = ("cache", "past_key_values", "past_key_value", "cache_position", "use_cache", "encoder_outputs")
 
 
 @dataclass
@@ -71,9 +71,9 @@ class Model(nn.Module):
         self._in_flight: dict[str, int] = {}  # task -> calls running with it (remove_task refuses those)
         self._skipped: list[str] = []  # subclasses of adaptable types left alone (their forward may differ)
         self._experts: list[str] = []  # MoE experts stored as 3-D parameters (no LoRA)
-        # Per-sample routing: each layer's dim-0 layout (see layers.routing.LAYOUTS), learnt by a probe
-        # per input signature (_probed); shared with every per-sample Route.
-        self._layout: dict[str, str] = {}
+        # Per-sample routing: the dim-0 layouts each layer showed (see layers.routing.LAYOUTS), learnt
+        # by a probe per input signature (_probed); shared with every per-sample Route.
+        self._layout: dict[str, frozenset] = {}
         self._probed: set = set()
         self.model = self._wrap(model, "", {})
         if self._skipped:
@@ -370,10 +370,16 @@ class Model(nn.Module):
         if signature not in self._probed:
             with _PROBE_LOCK:
                 if signature not in self._probed:  # another thread may have probed meanwhile
-                    self._probe(args, kwargs, route.batch)
+                    try:
+                        self._probe(args, kwargs, route.batch)
+                    except RuntimeError:
+                        # A call the probe cannot replay (a decode step that only has encoder outputs):
+                        # fine when an earlier probe saw the layers; unseen layers refuse at run time.
+                        if not self._layout:
+                            raise
                     self._probed.add(signature)
         used = set(route.task_names())
-        bad = [p for p, kind in self._layout.items() if kind in ("fixed", "varies") and used & set(self._layers[p].adapters)]
+        bad = [p for p, kinds in self._layout.items() if kinds & {"fixed", "varies"} and used & set(self._layers[p].adapters)]
         if bad:
             raise ValueError(unroutable_message(bad, route))
 
@@ -388,7 +394,7 @@ class Model(nn.Module):
         """
         def sliced(n: int) -> tuple[tuple, dict]:
             cut = lambda v: v[:n] if isinstance(v, Tensor) and v.dim() and v.shape[0] == batch else v
-            kw = {k: cut(v) for k, v in kwargs.items() if k not in _PROBE_DROP}
+            kw = {k: cut(v) for k, v in kwargs.items() if k not in _PROBE_DROP and "Cache" not in type(v).__name__}
             if "use_cache" in kwargs:
                 kw["use_cache"] = False
             return tuple(cut(v) for v in args), kw
@@ -437,10 +443,10 @@ class Model(nn.Module):
                 for m, mode in modes.items():
                     m.training = mode
         for path, kinds in seen.items():
-            counts = len(first.get(path, []))
-            kind = kinds[0] if len(set(kinds)) == 1 and counts == len(kinds) else "varies"
-            old = self._layout.get(path)
-            self._layout[path] = kind if old in (None, kind) else "varies"
+            # The kinds a layer shows over all its calls (and earlier probes): at run time the input's
+            # shape picks among batch / broadcast / unbatched; fixed or varies refuse per-sample lists.
+            new = set(kinds) if len(first.get(path, [])) == len(kinds) else {"varies"}
+            self._layout[path] = frozenset(self._layout.get(path, frozenset()) | new)
 
     @staticmethod
     def _classify(x1: Tensor | None, x2: Tensor) -> str:
@@ -450,6 +456,8 @@ class Model(nn.Module):
         d1, d2 = x1.shape[0], x2.shape[0]
         if d1 == 1 and d2 == 1:
             return "broadcast" if torch.equal(x1, x2) else "varies"
+        if x1.dim() == 1 and d1 == d2 and not x1.is_floating_point() and torch.equal(x1, x2):
+            return "unbatched"  # 1-D ids without a batch dim (Whisper's encoder positions): output [S, H] broadcasts
         if d2 == 2 * d1:
             same = torch.equal(x1, x2[:d1]) or (x1.is_floating_point() and torch.allclose(x1, x2[:d1], rtol=1e-3, atol=1e-5))
             return "batch" if same else "varies"

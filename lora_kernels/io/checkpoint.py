@@ -119,7 +119,9 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip archive, or a pickle stream
+    # torch.save's zip archive, or a pickle stream (0x80 = PROTO; a safetensors header length can also
+    # start with 0x80, e.g. 1920 bytes, and then byte 8 opens its JSON)
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[8:9] != b"{"):
         raise _refuse(source, _pickle_message(path))
     header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
     if size < 10 or header_len > size - 8 or head[8:9] != b"{":

@@ -192,18 +192,24 @@ class LoRALayer(nn.Module):
 
         ``batch``: dim 0 is ``B`` or ``B * block`` (batch-major) and rows follow their sample;
         ``broadcast``: dim 0 is 1 (position ids): ``x`` is expanded to the batch, so the output
-        holds each sample's own delta; anything else raises rather than guess.
+        holds each sample's own delta; ``unbatched``: 1-D ids with no batch dim get one (output
+        ``[B, S, H]`` where the model broadcasts ``[S, H]``); anything else raises rather than guess.
         """
-        kind = None if route.layout is None else route.layout.get(self.path)
-        b = route.batch
-        if kind is None and route.layout is None and x.dim() and x.shape[0] == b:
-            kind = "batch"  # a route built without the Model (tests, direct use): dim 0 is the batch by contract
-        if kind == "batch" and x.dim() and x.shape[0] % b == 0 and x.shape[0]:
-            block = x.shape[0] // b
+        kinds = frozenset({"batch"}) if route.layout is None else route.layout.get(self.path, frozenset())
+        # route.layout None: a route built without the Model's probe (torch.compile, direct use):
+        # every layer's dim 0 is then the batch by contract.
+        b, d = route.batch, (x.shape[0] if x.dim() else 0)
+        if kinds & {"fixed", "varies"}:
+            pass  # refused below: rows cannot be told apart from a coincidence
+        elif "broadcast" in kinds and d == 1:
+            return (x.expand(b, *x.shape[1:]), *rest), route
+        elif "unbatched" in kinds and x.dim() == 1 and not x.is_floating_point():
+            return (x.unsqueeze(0).expand(b, d), *rest), route
+        elif "batch" in kinds and d and d % b == 0:
+            block = d // b
             return (x, *rest), route if block == 1 else Route(slots=route.slots, routing=route.rows_routing(block),
                                                               layout=route.layout, _blocks=route._blocks)
-        if kind == "broadcast" and x.dim() and x.shape[0] == 1:
-            return (x.expand(b, *x.shape[1:]), *rest), route
+        kind = "+".join(sorted(kinds)) or "unknown"
         raise ValueError(unroutable_message([self.path], route, f"got input of shape {tuple(x.shape)} (layout: {kind or 'unknown'})"))
 
     def forward_single(self, mix: Mix, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:

@@ -27,9 +27,10 @@ Mix = tuple[tuple[str, float], ...]
 #: How an adapted layer's input dim 0 relates to the batch, learnt by the Model's probe:
 #: ``batch``: dim 0 is the batch, or the batch times a block, batch-major (``[B*S, H]`` flattening);
 #: ``broadcast``: dim 0 is 1 whatever the batch (position ids): the input is expanded to the batch;
+#: ``unbatched``: 1-D ids equal for every batch (Whisper's encoder positions): given a batch dim;
 #: ``fixed``: dim 0 does not depend on the batch (T5's relative-attention bias sees ``[q, k]``);
 #: ``varies``: inconsistent between calls or samples (e.g. MoE experts that see a router's picks).
-LAYOUTS = ("batch", "broadcast", "fixed", "varies")
+LAYOUTS = ("batch", "broadcast", "unbatched", "fixed", "varies")
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,8 +45,8 @@ class Route:
     mix: Mix | None = None
     slots: tuple[Mix, ...] = ()
     routing: Routing | None = None
-    #: per-sample routes: how each adapted layer's dim 0 relates to the batch, by layer path (see
-    #: :data:`LAYOUTS`); the Model's dict, filled by its probe. Layers absent from it cannot be routed.
+    #: per-sample routes: the layouts (a frozenset of :data:`LAYOUTS`) each adapted layer's dim 0
+    #: showed, by layer path; the Model's dict, filled by its probe. Layers absent cannot be routed.
     layout: dict | None = None
     _blocks: dict = field(default_factory=dict)  # block size -> the routing with each id repeated
 
