@@ -292,33 +292,41 @@ def test_generate_per_sample_equals_single_runs_and_peft(zoo):
         assert torch.equal(out, theirs)
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_equals_plain_backward(zoo, reentrant):
+def test_gradient_checkpointing_equals_plain_backward(zoo):
+    """transformers' gradient_checkpointing_enable, reentrant and not: single task, mix, per-sample."""
     name, kind, bare, model, _, _ = zoo
     if not getattr(model.model, "supports_gradient_checkpointing", False):
         pytest.skip(f"{name} does not support gradient checkpointing")
-    m = copy.deepcopy(model)  # checkpointing stays on: keep it off the shared model
     x = _inputs(kind, bare)
-    m.requires_grad_(False)
+    model.requires_grad_(False)
     for t in "ab":
-        m.requires_grad_(True, task=t)
-    m.train()  # transformers checkpoints only in training mode (dropout is 0 in the zoo's configs)
+        model.requires_grad_(True, task=t)
+    params = {**{f"a.{k}": p for k, p in model.task_parameters("a").items()},
+              **{f"b.{k}": p for k, p in model.task_parameters("b").items()}}
 
     def grads(task):
-        params = {**m.task_parameters("a"), **{"b." + k: p for k, p in m.task_parameters("b").items()}}
         for p in params.values():
             p.grad = None
-        _out(kind, m(**x, task=task)).square().sum().backward()
+        _out(kind, model(**x, task=task)).square().sum().backward()
         return {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
 
     selections = ["a", {"a": 1.0, "b": -0.5}, ["a", None, "b"]]
-    plain = [grads(s) for s in selections]
-    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    for s, expected in zip(selections, plain):
-        got = grads(s)
-        assert got.keys() == expected.keys() and expected, s
-        for k in expected:
-            torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-6, msg=f"{s} {k}")
+    model.train()  # transformers checkpoints only in training mode (dropout is 0 in the zoo's configs)
+    try:
+        plain = [grads(s) for s in selections]
+        for reentrant in (False, True):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            for s, expected in zip(selections, plain):
+                got = grads(s)
+                assert got.keys() == expected.keys() and expected, s
+                for k in expected:  # recompute rounds differently: tolerance relative to the gradient's scale
+                    tol = 1e-5 * float(expected[k].abs().max())
+                    torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=tol, msg=f"{reentrant} {s} {k}")
+    finally:
+        model.model.gradient_checkpointing_disable()
+        model.eval()
+        for p in params.values():
+            p.grad = None
 
 
 def test_t5_relative_bias_is_refused_by_name():
