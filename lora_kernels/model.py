@@ -167,7 +167,7 @@ class Model(nn.Module):
         paths = self._default_paths() if modules is None else list(modules)
         if self._experts:
             warnings.warn(f"MoE experts stored as 3-D parameters at {self._experts} get no LoRA from this task (only "
-                          "nn.Linear-style modules are adapted); their routers and shared experts are.", stacklevel=2)
+                          "nn.Linear-style modules are adapted).", stacklevel=2)
         unknown = [p for p in paths if p not in self._layers]
         if unknown:
             raise ValueError(f"unknown module path(s) {unknown}; adapted layers: {list(self._layers)}")
@@ -203,15 +203,16 @@ class Model(nn.Module):
         return self
 
     def _default_paths(self) -> list[str]:
-        """Every adapted layer except those whose weight another adapted layer also uses (tied input
-        and output embeddings): one tensor with two deltas could not be merged, and PEFT leaves
-        them out by default too. ``modules=`` adapts them explicitly."""
-        users: dict[int, list[str]] = {}
-        for path, layer in self._layers.items():
-            w = getattr(layer.base, "weight", None)
-            if isinstance(w, Tensor):
-                users.setdefault(id(w), []).append(path)
-        tied = {p for ps in users.values() if len(ps) > 1 for p in ps}
+        """Every adapted layer except those whose weight another module also holds (tied input and
+        output embeddings): folding a delta into that tensor would change the other module too, and
+        PEFT leaves them out by default as well. ``modules=`` adapts them explicitly."""
+        owners: dict[int, set[int]] = {}
+        for m in self.model.modules():
+            for p in m._parameters.values():
+                if p is not None:
+                    owners.setdefault(id(p), set()).add(id(m))
+        tied = [p for p, layer in self._layers.items()
+                if isinstance(getattr(layer.base, "weight", None), Tensor) and len(owners.get(id(layer.base.weight), ())) > 1]
         return [p for p in self._layers if p not in tied]
 
     def remove_task(self, name: str) -> "Model":

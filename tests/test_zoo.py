@@ -351,3 +351,16 @@ def test_save_pretrained_writes_the_original_checkpoint(tmp_path):
     x = _inputs("causal", base)
     assert torch.equal(_run(loaded, "causal", x), _run(model, "causal", x))  # the base, not the task, not random
     assert not any("lora" in k or ".base." in k for k in loaded.state_dict())
+
+
+def test_merge_and_unmerge_with_the_default_tied_rule(zoo):
+    """Tied embeddings/lm_head are left out of default tasks, so merging works on every architecture."""
+    name, kind, bare, model, _, _ = zoo
+    x = _inputs(kind, bare)
+    expected, base = _run(model, kind, x, task="a"), _run(model, kind, x)
+    model.merge("a")
+    try:
+        torch.testing.assert_close(_run(model, kind, x), expected, rtol=1e-4, atol=1e-4)
+    finally:
+        model.unmerge()
+    assert torch.equal(_run(model, kind, x), base)
