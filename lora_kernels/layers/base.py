@@ -183,6 +183,8 @@ class LoRALayer(nn.Module):
             return self.base(*args, **kwargs)
         if route.mix is not None:
             return self.forward_single(route.mix, *args, **kwargs)
+        if not any(n in self.adapters for n in route.task_names()):
+            return self.base(*args, **kwargs)  # none of the call's tasks adapts this layer: nothing to route
         if args and isinstance(args[0], Tensor):
             args, route = self.batch_rows(route, args[0], args[1:])
         return self.forward_mixed(route, *args, **kwargs)
@@ -210,7 +212,7 @@ class LoRALayer(nn.Module):
             return (x, *rest), route if block == 1 else Route(slots=route.slots, routing=route.rows_routing(block),
                                                               layout=route.layout, _blocks=route._blocks)
         kind = "+".join(sorted(kinds)) or "unknown"
-        raise ValueError(unroutable_message([self.path], route, f"got input of shape {tuple(x.shape)} (layout: {kind or 'unknown'})"))
+        raise ValueError(unroutable_message([self.path], route, f"got input of shape {tuple(x.shape)} (layout: {kind})"))
 
     def forward_single(self, mix: Mix, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         y = self.base(x, *args, **kwargs)
