@@ -364,3 +364,19 @@ def test_merge_and_unmerge_with_the_default_tied_rule(zoo):
     finally:
         model.unmerge()
     assert torch.equal(_run(model, kind, x), base)
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """A PEFT-written ViT adapter had a 1920-byte header (first byte 0x80, pickle's PROTO opcode)."""
+    from safetensors.torch import save_file
+
+    from lora_kernels.io.checkpoint import read_safetensors
+
+    path = str(tmp_path / "x.safetensors")
+    for pad in range(512):
+        save_file({"w": torch.ones(2)}, path, metadata={"pad": "x" * pad})
+        with open(path, "rb") as f:
+            if f.read(1) == b"\x80":
+                break
+    tensors, meta = read_safetensors(path)
+    assert torch.equal(tensors["w"], torch.ones(2)) and meta["pad"] == "x" * pad
