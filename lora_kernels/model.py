@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import numbers
 import threading
@@ -17,7 +18,8 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from .layers import CustomLayer, LoRALayer, wrapper_for
 from .layers.base import INITS
-from .layers.routing import Mix, Route, routed
+from .layers.base import unroutable_message
+from .layers.routing import Mix, Route, current_route, routed
 from .ops.routing import Routing
 from .validation import is_num, refuse, stage, state_errors
 
@@ -30,6 +32,12 @@ __all__ = ["Model", "TaskConfig"]
 _TASKS_LOCK = threading.RLock()
 _ALL = ""  # the in-flight key counting every call (task names are never empty)
 _MAX_SCALE = 1e30  # far above any real alpha / rank, far below float32's 3.4e38
+# Serialises layout probes (they switch the model to eval mode for two small forwards).
+_PROBE_LOCK = threading.RLock()
+_PROBING: contextvars.ContextVar = contextvars.ContextVar("lora_kernels_probe", default=None)
+# Inputs a layout probe does not slice or pass: a KV cache (the probe runs without one) and
+# cache positions (dim 0 is the sequence, not the batch).
+_PROBE_DROP = ("cache", "past_key_values", "past_key_value", "cache_position", "use_cache", "encoder_outputs")
 
 
 @dataclass
@@ -66,7 +74,21 @@ class Model(nn.Module):
         self._layers: dict[str, LoRALayer] = {}
         self._tasks: dict[str, TaskConfig] = {}
         self._in_flight: dict[str, int] = {}  # task -> calls running with it (remove_task refuses those)
+        self._skipped: list[str] = []  # subclasses of adaptable types left alone (their forward may differ)
+        self._experts: list[str] = []  # MoE experts stored as 3-D parameters (no LoRA)
+        # Per-sample routing: the dim-0 layouts each layer showed (see layers.routing.LAYOUTS), learnt
+        # by a probe per input signature (_probed); shared with every per-sample Route.
+        self._layout: dict[str, frozenset] = {}
+        self._probed: set = set()
         self.model = self._wrap(model, "", {})
+        if self._skipped:
+            warnings.warn(f"lora_kernels.Model leaves {self._skipped} without LoRA: subclasses of Linear/Embedding/Conv "
+                          "may compute something else than their parent. If their math is the parent's, register them "
+                          "with lk.register_base_module_wrapper(TheType, lk.layers.LoRALinear) (or LoRAEmbedding, ...).",
+                          stacklevel=2)
+        # Learn the layout of a per-sample call at the first call into the wrapped model (also from
+        # pipelines and transformers' generate inside `using`).
+        self.model.register_forward_pre_hook(self._pre_call, with_kwargs=True)
         # Paths (with repeats for shared modules) where a wrapper sits: used to map state-dict keys.
         self._wrapper_paths = frozenset(p for p, m in self.model.named_modules(remove_duplicate=False) if isinstance(m, LoRALayer))
         if not self._layers:
@@ -82,6 +104,11 @@ class Model(nn.Module):
             wrapper.path = path
             self._layers[path] = wrapper
             return wrapper
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            self._skipped.append(f"{path} ({type(module).__name__})")
+            return module
+        if "expert" in type(module).__name__.lower() and any(p.dim() == 3 for p in module.parameters(recurse=False)):
+            self._experts.append(path)
         if isinstance(module, nn.MultiheadAttention):
             warnings.warn(f"'{path or type(module).__name__}' (nn.MultiheadAttention) is left without LoRA: it reads "
                           "out_proj.weight directly, so wrapping out_proj would silently do nothing. Register a wrapper "
@@ -158,7 +185,10 @@ class Model(nn.Module):
             raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
         if not isinstance(rslora, bool):
             raise TypeError(f"rslora must be a bool, got {rslora!r}")
-        paths = list(self._layers) if modules is None else list(modules)
+        paths = self._default_paths() if modules is None else list(modules)
+        if self._experts:
+            warnings.warn(f"MoE experts stored as 3-D parameters at {self._experts} get no LoRA from this task (only "
+                          "nn.Linear-style modules are adapted).", stacklevel=2)
         unknown = [p for p in paths if p not in self._layers]
         if unknown:
             raise ValueError(f"unknown module path(s) {unknown}; adapted layers: {list(self._layers)}")
@@ -211,6 +241,19 @@ class Model(nn.Module):
         with torch.no_grad():
             for k, t in targets.items():
                 t.copy_(weights[k])
+
+    def _default_paths(self) -> list[str]:
+        """Every adapted layer except those whose weight another module also holds (tied input and
+        output embeddings): folding a delta into that tensor would change the other module too, and
+        PEFT leaves them out by default as well. ``modules=`` adapts them explicitly."""
+        owners: dict[int, set[int]] = {}
+        for m in self.model.modules():
+            for p in m._parameters.values():
+                if p is not None:
+                    owners.setdefault(id(p), set()).add(id(m))
+        tied = [p for p, layer in self._layers.items()
+                if isinstance(getattr(layer.base, "weight", None), Tensor) and len(owners.get(id(layer.base.weight), ())) > 1]
+        return [p for p in self._layers if p not in tied]
 
     def remove_task(self, name: str) -> "Model":
         """Remove a task and free its parameters and cached copies. Returns self.
@@ -322,7 +365,7 @@ class Model(nn.Module):
                 items.append((name, float(w)))
         return tuple(sorted(items, key=lambda item: item[0]))  # names are unique; weights may be symbolic under compile
 
-    def _route(self, task: Any, tasks: Any, inputs: tuple, kwargs: dict) -> Route | None:
+    def _route(self, task: Any, tasks: Any, inputs: tuple, kwargs: dict, check_batch: bool = True) -> Route | None:
         if tasks is not None:
             if task is not None:
                 raise ValueError("pass task= or tasks=, not both")
@@ -346,15 +389,17 @@ class Model(nn.Module):
             mix = self._mix(task)
             return Route(mix=mix) if mix else None
         if isinstance(task, (list, tuple)):
-            return self._per_sample_route(task, inputs, kwargs)
+            return self._per_sample_route(task, inputs, kwargs, check_batch=check_batch)
         raise TypeError(f"task must be None, a task name, a {{name: weight}} dict or a per-sample list, got {type(task).__name__}")
 
-    def _per_sample_route(self, entries: list | tuple, inputs: tuple, kwargs: dict) -> Route | None:
+    def _per_sample_route(self, entries: list | tuple, inputs: tuple, kwargs: dict, check_batch: bool = True) -> Route | None:
         first = next((v for v in (*inputs, *kwargs.values()) if isinstance(v, Tensor)), None)
-        if first is None or first.dim() == 0:
-            raise ValueError("a per-sample task list needs a tensor input whose dim 0 is the batch")
-        if len(entries) != first.shape[0]:
-            raise ValueError(f"per-sample task list has {len(entries)} entries but the batch (dim 0 of the input) has {first.shape[0]}")
+        if check_batch:
+            if first is None or first.dim() == 0:
+                raise ValueError("a per-sample task list needs a tensor input whose dim 0 is the batch")
+            if len(entries) != first.shape[0]:
+                raise ValueError(f"per-sample task list has {len(entries)} entries but the batch (dim 0 of the input) has {first.shape[0]}")
+        device = first.device if first is not None else next((p.device for p in self.model.parameters()), None)
         slots: dict[Mix, int] = {}
         ids = []
         for entry in entries:
@@ -372,7 +417,193 @@ class Model(nn.Module):
             return None
         if len(slots) == 1 and -1 not in ids:  # the whole batch has one selection
             return Route(mix=next(iter(slots)))
-        return Route(slots=tuple(slots), routing=Routing.from_list(ids, len(slots), first.device))
+        # Under torch.compile no probe runs (layout None): every layer's dim 0 must then be the batch.
+        layout = None if torch.compiler.is_compiling() else self._layout
+        return Route(slots=tuple(slots), routing=Routing.from_list(ids, len(slots), device), layout=layout)
+
+    # --- per-sample layouts ----------------------------------------------------------------------
+    def _pre_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the wrapped model: before a per-sample call, make sure every layer's
+        layout is known for this kind of call, and refuse (naming them all) layers that cannot be routed."""
+        route = current_route()
+        if route is None or route.routing is None or route.layout is None:
+            return None
+        self._learn_layout(args, kwargs, route)
+        return None
+
+    def _learn_layout(self, args: tuple, kwargs: dict, route: Route) -> None:
+        signature = (len(args), tuple(sorted(k for k, v in kwargs.items() if v is not None and k not in _PROBE_DROP)))
+        if signature not in self._probed:
+            with _PROBE_LOCK:
+                if signature not in self._probed:  # another thread may have probed meanwhile
+                    try:
+                        self._probe(args, kwargs, route.batch)
+                    except RuntimeError:
+                        # A call the probe cannot replay (a decode step that only has encoder outputs):
+                        # fine when an earlier probe saw the layers; unseen layers refuse at run time.
+                        if not self._layout:
+                            raise
+                    self._probed.add(signature)
+        used = set(route.task_names())
+        bad = [p for p, kinds in self._layout.items() if kinds & {"fixed", "varies"} and used & set(self._layers[p].adapters)]
+        if bad:
+            raise ValueError(unroutable_message(bad, route))
+
+    def _probe(self, args: tuple, kwargs: dict, batch: int) -> None:
+        """Learn how each adapted layer's dim 0 relates to the batch: run the base model (no grad, eval
+        mode, RNG untouched) on the first 1 and 2 samples of the call's inputs and compare.
+
+        Per layer and call: dims (1, 2) -> ``batch`` when 2-sample rows ``[:d1]`` equal the
+        1-sample input (batch-major), ``(1, 1)`` -> ``broadcast``, ``(d, d)`` -> ``fixed``, else
+        ``varies``. Costs about 3/B of a forward, once per input signature (a generate loop probes
+        once). Tensors whose dim 0 is the batch are sliced; the KV cache is not passed.
+        """
+        def sliced(n: int) -> tuple[tuple, dict]:
+            cut = lambda v: v[:n] if isinstance(v, Tensor) and v.dim() and v.shape[0] == batch else v
+            kw = {k: cut(v) for k, v in kwargs.items() if k not in _PROBE_DROP and "Cache" not in type(v).__name__}
+            if "use_cache" in kwargs:
+                kw["use_cache"] = False
+            return tuple(cut(v) for v in args), kw
+
+        seen: dict[str, list] = {}
+        first: dict[str, list] = {}
+
+        token = object()
+
+        def record(n: int):
+            def hook(layer: LoRALayer, a: tuple, kw: dict) -> None:
+                if _PROBING.get() is not token:  # another thread's call meanwhile: not ours to record
+                    return
+                x = a[0] if a and isinstance(a[0], Tensor) else next((v for v in kw.values() if isinstance(v, Tensor)), None)
+                if x is None or x.dim() == 0:
+                    seen.setdefault(layer.path, []).append(None)
+                elif n == 1:
+                    first.setdefault(layer.path, []).append(x.detach().clone())
+                else:
+                    i = len(seen.setdefault(layer.path, []))
+                    x1 = first.get(layer.path, [])[i] if i < len(first.get(layer.path, [])) else None
+                    seen[layer.path].append(self._classify(x1, x))
+            return hook
+
+        modes = {m: m.training for m in self.model.modules()}
+        devices = sorted({p.device.index for p in self.model.parameters() if p.device.type == "cuda"})
+        with _PROBE_LOCK, torch.random.fork_rng(devices=devices), torch.no_grad(), routed(None):
+            reset = _PROBING.set(token)
+            try:
+                self.model.eval()
+                for n in (1, 2):
+                    handles = [layer.register_forward_pre_hook(record(n), with_kwargs=True) for layer in self._layers.values()]
+                    try:
+                        a, kw = sliced(n)
+                        self.model(*a, **kw)
+                    finally:
+                        for h in handles:
+                            h.remove()
+            except Exception as e:
+                raise RuntimeError(f"lora_kernels.Model could not learn which layers carry the batch for this per-sample call "
+                                   f"(a probe on the first samples failed: {type(e).__name__}: {e}). Call the model once with "
+                                   "the per-sample list on plain inputs (no KV cache), e.g. model(ids, task=[...]) or "
+                                   "model.generate(ids, task=[...]), before this call.") from e
+            finally:
+                _PROBING.reset(reset)
+                for m, mode in modes.items():
+                    m.training = mode
+        for path, kinds in seen.items():
+            # The kinds a layer shows over all its calls (and earlier probes): at run time the input's
+            # shape picks among batch / broadcast / unbatched; fixed or varies refuse per-sample lists.
+            new = set(kinds) if len(first.get(path, [])) == len(kinds) else {"varies"}
+            self._layout[path] = frozenset(self._layout.get(path, frozenset()) | new)
+
+    @staticmethod
+    def _classify(x1: Tensor | None, x2: Tensor) -> str:
+        """The layout of one layer call from its input at 1 sample (``x1``) and at 2 samples (``x2``)."""
+        if x1 is None or x1.dim() != x2.dim() or x1.shape[1:] != x2.shape[1:]:
+            return "varies"
+        d1, d2 = x1.shape[0], x2.shape[0]
+        if d1 == 1 and d2 == 1:
+            return "broadcast" if torch.equal(x1, x2) else "varies"
+        if x1.dim() == 1 and d1 == d2 and not x1.is_floating_point() and torch.equal(x1, x2):
+            return "unbatched"  # 1-D ids without a batch dim (Whisper's encoder positions): output [S, H] broadcasts
+        if d2 == 2 * d1:
+            same = torch.equal(x1, x2[:d1]) or (x1.is_floating_point() and torch.allclose(x1, x2[:d1], rtol=1e-3, atol=1e-5))
+            return "batch" if same else "varies"
+        return "fixed" if d1 == d2 else "varies"
+
+    # --- generation, explicit routing, checkpointing ---------------------------------------------
+    @contextlib.contextmanager
+    def using(self, task: Any = None, tasks: Any = None):
+        """Route every call into the wrapped model inside the ``with`` (pipelines, custom loops,
+        ``model.model.generate``, Whisper whose ``task`` argument is taken) as ``model(..., task=)`` would.
+
+        A per-sample list has one entry per sample of every call made inside. Also the way to run
+        ``backward`` of a forward that used ``torch.utils.checkpoint`` directly: the recompute then
+        sees the same task (call backward inside the same ``using``).
+        """
+        route = self._route(task, tasks, (), {}, check_batch=False)
+        with self._in_call(route), routed(route):
+            yield self
+
+    def generate(self, *inputs: Any, task: Any = None, tasks: Any = None, **kwargs: Any) -> Any:
+        """The wrapped transformers model's ``generate`` with ``task=`` in any form (a name, a mix, or
+        one entry per sample of the prompt batch). The KV-cache decode steps use the same routing."""
+        if not hasattr(self.model, "generate"):
+            raise TypeError(f"{type(self.model).__name__} has no generate(); call model(..., task=...) instead")
+        route = self._route(task, tasks, inputs, kwargs)
+        if route is not None and route.routing is not None and route.layout is not None:
+            # Encoder-decoder generate calls the encoder directly (not through the wrapped model's
+            # forward), so learn the layout of a full forward up front.
+            probe_kw = {k: v for k, v in kwargs.items() if isinstance(v, Tensor)}
+            cfg = getattr(self.model, "config", None)
+            if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" not in probe_kw:
+                gen = getattr(self.model, "generation_config", None)
+                start = getattr(gen, "decoder_start_token_id", None)
+                start = getattr(cfg, "decoder_start_token_id", None) if start is None else start
+                first = next(v for v in (*inputs, *probe_kw.values()) if isinstance(v, Tensor))
+                probe_kw["decoder_input_ids"] = torch.full((route.batch, 1), int(start or 0), dtype=torch.long, device=first.device)
+            self._learn_layout(inputs, probe_kw, route)
+        with self.using(task=task, tasks=tasks) if route is not None else contextlib.nullcontext():
+            if route is not None and route.routing is not None:
+                with routed(route):  # the route whose layout was just learnt
+                    return self.model.generate(*inputs, **kwargs)
+            return self.model.generate(*inputs, **kwargs)
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """transformers' ``gradient_checkpointing_enable`` on the wrapped model, with each layer's
+        checkpoint function made to re-enter the call's task routing when backward recomputes."""
+        self.model.gradient_checkpointing_enable(*args, **kwargs)
+        self._keep_route_in_checkpoints()
+
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """transformers' ``activation_checkpointing_enable``; see :meth:`gradient_checkpointing_enable`."""
+        self.model.activation_checkpointing_enable(*args, **kwargs)
+        self._keep_route_in_checkpoints()
+
+    def _keep_route_in_checkpoints(self) -> None:
+        for m in self.model.modules():
+            func = m.__dict__.get("_gradient_checkpointing_func")
+            if func is None or getattr(func, "_lk_keeps_route", False):
+                continue
+
+            def keeping(function, *args, _checkpoint=func, **kwargs):
+                route = current_route()
+
+                def run(*a, **k):  # runs in forward and again in backward's recompute
+                    with routed(route):
+                        return function(*a, **k)
+
+                return _checkpoint(run, *args, **kwargs)
+
+            keeping._lk_keeps_route = True
+            m._gradient_checkpointing_func = keeping
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """The wrapped transformers model's ``save_pretrained`` under the original keys (tasks
+        excluded; while a task is merged, the merged weights), loadable by ``from_pretrained``."""
+        if not hasattr(self.model, "save_pretrained"):
+            raise TypeError(f"{type(self.model).__name__} has no save_pretrained(); use torch.save(model.state_dict())")
+        if "state_dict" in kwargs:
+            raise TypeError("Model.save_pretrained writes model.state_dict() itself; do not pass state_dict=")
+        self.model.save_pretrained(save_directory, state_dict=self.state_dict(), **kwargs)
 
     # --- state dicts -----------------------------------------------------------------------------
     def _original_key(self, key: str) -> str | None:

@@ -360,7 +360,7 @@ BAD_CALLS = [
     ("invalid name", lambda m, x: m.add_task("x.y"), ValueError, "invalid task name"),
     ("empty name", lambda m, x: m.add_task(""), ValueError, "invalid task name"),
     ("non-str name", lambda m, x: m.add_task(3), ValueError, "invalid task name"),
-    ("rank too big", lambda m, x: m.add_task("c", rank=10_000), ValueError, "rank"),
+    ("rank negative", lambda m, x: m.add_task("c", rank=-2), ValueError, "rank"),
     ("rank zero", lambda m, x: m.add_task("c", rank=0), ValueError, "rank"),
     ("rank vs groups", lambda m, x: m.add_task("c", rank=3), ValueError, "multiple of its groups"),
     ("bad dropout", lambda m, x: m.add_task("c", dropout=1.5), ValueError, "dropout"),
@@ -396,18 +396,24 @@ def test_errors_are_clear_and_change_nothing(net_model, name, call, exc, match):
     assert torch.equal(net_model(ids, task=["a", "b", None, "a"]), y_before)
 
 
-def test_layer_whose_dim0_is_not_the_batch_is_named():
+def test_flattened_rows_are_routed_and_a_layer_whose_dim0_is_not_the_batch_is_named():
     class Flattens(nn.Module):
-        def __init__(self):
+        def __init__(self, seq_major: bool):
             super().__init__()
             self.fc = nn.Linear(4, 4)
+            self.seq_major = seq_major
 
-        def forward(self, x):
-            return self.fc(x.reshape(-1, 4))  # [B, S, 4] -> [B*S, 4]: rows are no longer samples
+        def forward(self, x):  # [B, S, 4] -> [B*S, 4] (batch-major) or [S*B, 4] (sequence-major)
+            return self.fc((x.transpose(0, 1) if self.seq_major else x).reshape(-1, 4))
 
-    model = lk.Model(Flattens()).add_task("a")
-    with pytest.raises(ValueError, match="layer 'fc'"):
-        model(torch.randn(2, 3, 4), task=["a", None])
+    x = torch.randn(2, 3, 4)
+    model = lk.Model(Flattens(seq_major=False)).add_task("a", init="gaussian")
+    model.layers["fc"].adapters["a"].lora_B.weight.data.normal_()
+    y = model(x, task=["a", None])  # batch-major [B*S, H]: the layout is learnt, rows follow their sample
+    assert torch.allclose(y[:3], model(x[:1], task="a"), atol=1e-6) and torch.equal(y[3:], model(x[1:]))
+    model = lk.Model(Flattens(seq_major=True)).add_task("a")
+    with pytest.raises(ValueError, match=r"\['fc'\]"):  # interleaved rows: refused, never guessed
+        model(x, task=["a", None])
 
 
 # --- routing is per call -----------------------------------------------------------------------
@@ -510,3 +516,95 @@ def test_remove_task_refused_while_a_call_uses_it():
         worker.join()
     model.remove_task("a")
     assert model.tasks == ["c"]
+
+
+# --- real-model habits: transparency, checkpointing, registration ---------------------------------
+def test_wrapped_layers_read_through_to_the_base():
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(3, 3, 2, stride=2))
+    model = lk.Model(inner)
+    assert model.model[0].weight is model.model[0].base.weight and model.model[0].in_features == 4
+    assert model.model[1].stride == (2, 2)
+    with pytest.raises(AttributeError, match="nonexistent"):
+        model.model[0].nonexistent
+
+
+def test_position_ids_of_one_row_get_per_sample_deltas():
+    class Pos(nn.Module):  # GPT-2's habit: position ids [1, S] broadcast over the batch
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos, self.head = nn.Embedding(10, 6), nn.Embedding(8, 6), nn.Linear(6, 3)
+
+        def forward(self, ids):
+            return self.head(self.tok(ids) + self.pos(torch.arange(ids.shape[1]).unsqueeze(0)))
+
+    model = lk.Model(Pos()).add_task("a", init="kaiming_both").add_task("b", init="kaiming_both")
+    ids = torch.randint(0, 10, (3, 5))
+    y = model(ids, task=["a", None, "b"])
+    for i, t in enumerate(["a", None, "b"]):
+        assert torch.allclose(y[i:i + 1], model(ids[i:i + 1], task=t), atol=1e-6)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_direct_checkpoint_recompute_without_route_is_refused_and_using_fixes_it(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return checkpoint(self.fc, x, use_reentrant=reentrant)
+
+    model = lk.Model(Ckpt()).add_task("a", init="kaiming_both")
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="recomputed in backward"):  # before: silently the base's gradients
+        model(x, task="a").sum().backward()
+    model.zero_grad()
+    with model.using(task="a"):
+        model(x, task="a").sum().backward()
+    got = {k: p.grad.clone() for k, p in model.task_parameters("a").items()}
+    model.zero_grad()
+    with model.using(task="a"):
+        y = model.model.fc(x)  # no checkpoint: the reference
+    y.sum().backward()
+    for k, p in model.task_parameters("a").items():
+        assert torch.allclose(got[k], p.grad)
+
+
+def test_register_a_subclass_as_linear():
+    class MyLinear(nn.Linear):  # a subclass whose math is nn.Linear's
+        pass
+
+    with pytest.warns(UserWarning, match="MyLinear"):  # not adapted by default, and said so
+        lk.Model(nn.Sequential(MyLinear(4, 4)))
+    lk.register_base_module_wrapper(MyLinear, lk.layers.LoRALinear)
+    try:
+        model = lk.Model(nn.Sequential(MyLinear(4, 4))).add_task("a", init="kaiming_both")
+        assert isinstance(model.model[0], lk.layers.LoRALinear)
+        x = torch.randn(2, 4)
+        a = model.layers["0"].adapters["a"]
+        assert torch.allclose(model(x, task="a"), model(x) + a.scale * x @ a.lora_A.weight.T @ a.lora_B.weight.T, atol=1e-6)
+    finally:
+        from lora_kernels.layers import _AS
+
+        _AS.pop(MyLinear, None)
+
+
+def test_tied_embedding_and_head_are_left_out_of_the_default_task_so_merge_works():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid, self.head = nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.mid(self.emb(ids)))
+
+    model = lk.Model(Tied()).add_task("a", init="kaiming_both")
+    assert list(model.task_config("a").ranks) == ["mid"]
+    ids = torch.randint(0, 10, (2, 3))
+    y = model(ids, task="a")
+    model.merge("a")
+    assert torch.allclose(model(ids), y, atol=1e-5)
+    model.unmerge()

@@ -25,8 +25,11 @@ _BUILTIN: dict[type, Callable[[nn.Module], LoRALayer]] = {
 # Types of optional libraries, matched by qualified name so that the library is never imported here.
 _BY_NAME: dict[str, Callable[[nn.Module], LoRALayer]] = {
     "transformers.pytorch_utils.Conv1D": LoRAHFConv1D,  # GPT-2's transposed linear
+    # Subclasses whose forward is their parent's math (checked against transformers 5.x):
+    "transformers.models.falcon.modeling_falcon.FalconLinear": LoRALinear,  # x @ W.T (+ b)
 }
 _CUSTOM: dict[type, Callable[[nn.Module], nn.Module]] = {}
+_AS: dict[type, type[LoRALayer]] = {}  # "treat this type as Linear/Embedding/...": a built-in wrapper class
 
 
 def register_base_module_wrapper(base_type: type, constructor: Callable[[nn.Module], nn.Module]) -> None:
@@ -35,11 +38,23 @@ def register_base_module_wrapper(base_type: type, constructor: Callable[[nn.Modu
     ``constructor(module)`` builds one task's module from the base module; that module computes the
     layer's whole output for its task. Registering a built-in type replaces the built-in wrapper.
     Models wrapped before the call are not affected.
+
+    ``constructor`` may also be one of the library's wrapper classes (``LoRALinear``,
+    ``LoRAEmbedding``, ``LoRAConv``, ``LoRAHFConv1D``): "treat this type as Linear / Embedding / ...",
+    for subclasses whose forward computes their parent's math. They then get the fast paths, PEFT
+    import/export and merging; the type's own forward still computes the base output.
     """
     if not isinstance(base_type, type) or not issubclass(base_type, nn.Module):
         raise TypeError(f"base_type must be a torch.nn.Module subclass, got {base_type!r}")
     if not callable(constructor):
         raise TypeError(f"constructor must be callable (module -> task module), got {constructor!r}")
+    if isinstance(constructor, type) and issubclass(constructor, LoRALayer):
+        if constructor is CustomLayer or constructor is LoRALayer:
+            raise TypeError("register a concrete wrapper class (LoRALinear, LoRAEmbedding, LoRAConv, LoRAHFConv1D) or a task-module constructor")
+        _CUSTOM.pop(base_type, None)
+        _AS[base_type] = constructor
+        return
+    _AS.pop(base_type, None)
     _CUSTOM[base_type] = constructor
 
 
@@ -53,4 +68,6 @@ def wrapper_for(module: nn.Module) -> Callable[[nn.Module], LoRALayer] | None:
     if t in _CUSTOM:
         constructor = _CUSTOM[t]
         return lambda m: CustomLayer(m, constructor)
+    if t in _AS:
+        return _AS[t]
     return _BUILTIN.get(t) or _BY_NAME.get(f"{t.__module__}.{t.__qualname__}")

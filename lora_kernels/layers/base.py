@@ -11,6 +11,7 @@ that module computes the layer's whole output for its task (the seed's semantics
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from ..ops.reference import segmented_delta
 from ..ops.routing import Routing
 from .pool import AdapterPool
-from .routing import Mix, Route, current_route
+from .routing import Mix, Route, call_in_flight, current_route
 
 INITS = ("paper", "gaussian", "kaiming_both")
 
@@ -201,6 +202,16 @@ class LoRALayer(nn.Module):
         super().__setstate__(state)
         self._repool()
 
+    def __getattr__(self, name: str) -> Any:
+        """Transparent wrapper: any attribute of the base module reads through (``.weight``,
+        ``.stride``, ``.in_features``, ...), as code that inspects the original model expects."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base", "_modules", "_parameters", "_buffers"):  # not built yet (init, unpickling)
+                raise
+            return getattr(self.base, name)
+
     # --- built by subclasses -------------------------------------------------------------------
     def dims(self) -> tuple[int, int]:
         """(in, out) sizes that bound the rank."""
@@ -219,10 +230,13 @@ class LoRALayer(nn.Module):
         return -(-r // self.groups) * self.groups
 
     def check_rank(self, rank: int) -> None:
-        lo, hi = 1, min(self.dims())
-        if not isinstance(rank, int) or isinstance(rank, bool) or not lo <= rank <= max(hi, 1):
-            raise ValueError(f"rank {rank!r} out of range for layer '{self.path}': an int in [{lo}, {max(hi, 1)}] "
-                             f"(min of its in/out sizes {self.dims()})")
+        """A positive int (a multiple of the groups). Ranks above ``min(in, out)`` are allowed, as in
+        PEFT (a 2-label head, a 3-channel patch conv), with a warning: they add no expressiveness."""
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"rank {rank!r} out of range for layer '{self.path}': a positive int")
+        if rank > min(self.dims()):
+            warnings.warn(f"rank {rank} for layer '{self.path}' exceeds min of its in/out sizes {self.dims()}: the extra "
+                          "rank adds parameters but no expressiveness", stacklevel=4)
         if rank % self.groups:
             raise ValueError(f"rank {rank} for layer '{self.path}' must be a multiple of its groups ({self.groups})")
 
@@ -265,10 +279,44 @@ class LoRALayer(nn.Module):
             check_merged_route(route, self.merged_task, self.path)
             return self.base(*args, **kwargs)
         if route is None or not self.adapters:
+            if route is None and self.adapters and not call_in_flight() and torch._C._current_graph_task_id() != -1:
+                raise RuntimeError(
+                    f"layer '{self.path}' is being recomputed in backward (activation checkpointing) outside any model "
+                    "call, so which task ran is unknown. Enable checkpointing with model.gradient_checkpointing_enable() "
+                    "(it keeps the routing), or call backward inside `with model.using(task=...)` with the forward's task.")
             return self.base(*args, **kwargs)
         if route.mix is not None:
             return self.forward_single(route.mix, *args, **kwargs)
+        if not any(n in self.adapters for n in route.task_names()):
+            return self.base(*args, **kwargs)  # none of the call's tasks adapts this layer: nothing to route
+        if args and isinstance(args[0], Tensor):
+            args, route = self.batch_rows(route, args[0], args[1:])
         return self.forward_mixed(route, *args, **kwargs)
+
+    def batch_rows(self, route: Route, x: Tensor, rest: tuple) -> tuple[tuple, Route]:
+        """Map ``x``'s dim 0 to the samples of a per-sample route, by this layer's learnt layout.
+
+        ``batch``: dim 0 is ``B`` or ``B * block`` (batch-major) and rows follow their sample;
+        ``broadcast``: dim 0 is 1 (position ids): ``x`` is expanded to the batch, so the output
+        holds each sample's own delta; ``unbatched``: 1-D ids with no batch dim get one (output
+        ``[B, S, H]`` where the model broadcasts ``[S, H]``); anything else raises rather than guess.
+        """
+        kinds = frozenset({"batch"}) if route.layout is None else route.layout.get(self.path, frozenset())
+        # route.layout None: a route built without the Model's probe (torch.compile, direct use):
+        # every layer's dim 0 is then the batch by contract.
+        b, d = route.batch, (x.shape[0] if x.dim() else 0)
+        if kinds & {"fixed", "varies"}:
+            pass  # refused below: rows cannot be told apart from a coincidence
+        elif "broadcast" in kinds and d == 1:
+            return (x.expand(b, *x.shape[1:]), *rest), route
+        elif "unbatched" in kinds and x.dim() == 1 and not x.is_floating_point():
+            return (x.unsqueeze(0).expand(b, d), *rest), route
+        elif "batch" in kinds and d and d % b == 0:
+            block = d // b
+            return (x, *rest), route if block == 1 else Route(slots=route.slots, routing=route.rows_routing(block),
+                                                              layout=route.layout, _blocks=route._blocks)
+        kind = "+".join(sorted(kinds)) or "unknown"
+        raise ValueError(unroutable_message([self.path], route, f"got input of shape {tuple(x.shape)} (layout: {kind})"))
 
     def forward_single(self, mix: Mix, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         y = self.base(x, *args, **kwargs)
@@ -387,6 +435,14 @@ class LoRALayer(nn.Module):
             return sum(terms[1:], terms[0])
 
         return segmented_delta(y, x, routing, delta)
+
+
+def unroutable_message(paths: list[str], route: Route, detail: str = "") -> str:
+    """The error for layers whose dim 0 cannot be mapped to the samples of a per-sample task list."""
+    return (f"a per-sample task list ({route.batch} samples) cannot be routed through layer(s) {paths}{': ' + detail if detail else ''}. "
+            "Their input's dim 0 is not the batch (e.g. T5's relative-attention bias sees [q, k]; MoE experts see a "
+            "router's picks). Ways out: add the tasks without these layers (add_task(..., modules=[...])), pass "
+            "explicit per-sample position_ids= where a position embedding is meant, or run one call per task.")
 
 
 def check_merged_route(route: Route | None, merged: str, path: str) -> None:
