@@ -669,3 +669,26 @@ def test_rebound_parameter_survives_pool_growth_and_shrink():
     m.remove_task("t2")
     assert torch.equal(p.detach(), new)
     _check(m, torch.randn(4, 12), "torch", rows=["t1", "t3", None, "t1"])
+
+
+@pytest.mark.parametrize("selection", ["a", {"a": 0.5, "b": 1.0}, ["a", None, "b", "a", "b"]], ids=["one", "mix", "per-sample"])
+def test_autocast_bf16_runs_and_matches_fp32(selection):
+    """Item 12: under ``torch.autocast`` F.linear returns bf16 while the adapters stay fp32, so the
+    in-place ``addmm_`` of the torch path failed; outputs and gradients must follow fp32's (a smooth
+    activation: a ReLU kink at a bf16-rounded zero would flip gradients of either run)."""
+    torch.manual_seed(0)
+    model = lk.Model(nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8)))
+    model.add_task("a", rank=4, init="kaiming_both").add_task("b", rank=4, init="kaiming_both")
+    x = torch.randn(5, 16)
+    with lk.use_backend("torch"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x, task=selection)
+        y.float().square().sum().backward()
+        g = {k: p.grad.clone() for k, p in model.task_parameters("a").items()}
+        model.zero_grad()
+        y32 = model(x, task=selection)
+        y32.square().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - y32).abs().max() <= 0.02 * y32.abs().max()
+    for k, p in model.task_parameters("a").items():
+        assert (g[k] - p.grad).norm() <= 0.05 * p.grad.norm(), k

@@ -38,6 +38,19 @@ def _nothing_to_fuse(x: Tensor, weight: Tensor, lora_a: Tensor, mixed: bool) -> 
     return x.dim() < 1 or x.numel() == 0 or weight.dim() != 2 or 0 in weight.shape
 
 
+def _autocast(*tensors):
+    """Under ``torch.autocast`` cast as ``F.linear`` does (fp32 tensors to the autocast dtype; fp64,
+    None and non-floating stay), so mixed-precision code runs every backend on one dtype."""
+    import torch
+
+    x = tensors[0]
+    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scale: float = 1.0,
                 *, dropout_p: float = 0.0, backend: str | None = None) -> Tensor:
     """``y = x @ weight.T + bias + scale * (dropout(x) @ lora_a.T) @ lora_b.T``.
@@ -47,6 +60,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     """
     if not isinstance(x, Tensor):
         return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=dropout_p)  # its TypeError
+    x, weight, bias, lora_a, lora_b = _autocast(x, weight, bias, lora_a, lora_b)
     name = resolve(backend, x, _needs_grad(x, weight, bias, lora_a, lora_b))  # an impossible backend raises first
     if _nothing_to_fuse(x, weight, lora_a, mixed=False):
         name = "torch"
@@ -71,6 +85,7 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Te
     """
     if not isinstance(x, Tensor):
         return reference.lora_linear_mixed(x, weight, bias, lora_a, lora_b, scales, task_ids)  # its TypeError
+    x, weight, bias, lora_a, lora_b = _autocast(x, weight, bias, lora_a, lora_b)
     name = resolve(backend, x, _needs_grad(x, weight, bias, lora_a, lora_b))  # an impossible backend raises first
     if _nothing_to_fuse(x, weight, lora_a, mixed=True):
         name = "torch"

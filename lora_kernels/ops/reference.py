@@ -39,6 +39,8 @@ def _lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0):
     if x.dtype == torch.float16:
         y.view(rows, n).add_(low_rank(xd, lora_a, lora_b, scale).reshape(rows, n))
         return y
+    if y.dtype != lora_b.dtype:  # under torch.autocast F.linear casts, the in-place addmm_ would not
+        return y + low_rank(xd, lora_a, lora_b, scale)
     h = F.linear(xd, lora_a)  # [..., r], small
     # addmm_ adds the expand GEMM into y in place: one write of y instead of two.
     y.view(rows, n).addmm_(h.reshape(rows, r), lora_b.t(), alpha=float(scale))
