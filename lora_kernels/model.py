@@ -605,6 +605,13 @@ class Model(nn.Module):
             raise TypeError("Model.save_pretrained writes model.state_dict() itself; do not pass state_dict=")
         self.model.save_pretrained(save_directory, state_dict=self.state_dict(), **kwargs)
 
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: resizing replaces the embedding modules that the wrappers hold (and their tasks'
+        shapes would no longer match). Resize the model before wrapping it."""
+        raise RuntimeError("resize_token_embeddings on a wrapped model is not supported: it replaces the embedding "
+                           "modules that hold the tasks. Resize first, then wrap: "
+                           "inner.resize_token_embeddings(n); model = lk.Model(inner); then add or load the tasks.")
+
     # --- state dicts -----------------------------------------------------------------------------
     def _original_key(self, key: str) -> str | None:
         """Inner key -> the original model's key; None for adapter entries."""

@@ -353,6 +353,19 @@ def test_save_pretrained_writes_the_original_checkpoint(tmp_path):
     assert not any("lora" in k or ".base." in k for k in loaded.state_dict())
 
 
+
+def test_resize_token_embeddings_is_refused_with_the_way_out():
+    """Resizing replaces the embedding module the wrapper holds: a clear error (resize, then wrap),
+    not transformers' TypeError about the wrapper's type; nothing changes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lk.Model(ARCHS["gpt2"][0]().eval()).add_task("a")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="Resize first, then wrap"):
+        model.resize_token_embeddings(V + 8)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
 def test_merge_and_unmerge_with_the_default_tied_rule(zoo):
     """Tied embeddings/lm_head are left out of default tasks, so merging works on every architecture."""
     name, kind, bare, model, _, _ = zoo
