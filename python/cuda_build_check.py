@@ -37,13 +37,18 @@ def _run(cmd, timeout, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
 
 
+# The build tools and the package's own run-time dependencies (setup.py's install_requires; the wheel
+# is installed with --no-deps so that pip never touches the CUDA torch).
+VENV_DEPS = ("ninja", "setuptools", "wheel", "numpy", "safetensors", "tqdm", "regex")
+
+
 def _stage(name, t0):
     print(f"[cuda-build] {name}: {time.time() - t0:.0f} s", flush=True)
 
 
 def ensure_venv() -> str | None:
     """The cached venv with a CUDA torch; returns a reason to skip, or None."""
-    marker = VENV / f".ok-{TORCH}"
+    marker = VENV / f".ok-{TORCH}-{'-'.join(VENV_DEPS)}"  # a new dependency list rebuilds the cached venv
     if marker.is_file():
         return None
     t0 = time.time()
@@ -52,8 +57,7 @@ def ensure_venv() -> str | None:
         p = _run([sys.executable, "-m", "venv", str(VENV)], 120)
         if p.returncode != 0:
             return f"cannot create a venv: {p.stderr.strip()[-300:]}"
-        p = _run([str(PY), "-m", "pip", "install", "-q", TORCH, "ninja", "setuptools", "wheel", "numpy",
-                  "safetensors", "tqdm"], 1800)
+        p = _run([str(PY), "-m", "pip", "install", "-q", TORCH, *VENV_DEPS], 1800)
     except subprocess.TimeoutExpired:
         return f"installing {TORCH} took over 30 min"
     if p.returncode != 0:
