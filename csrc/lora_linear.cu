@@ -20,7 +20,16 @@
 //     instead would re-read A once per block (256 blocks x 0.5 MiB = 128 MiB of L2 traffic for
 //     4096 columns at r=64), far more than one small extra launch (~2-3 us of host time, but
 //     back to back on the GPU, and both ops capture in a CUDA graph). The epilogue adds the bias
-//     and the expand s·h·B[t][n]ᵀ in fp32 (h never rounds to bf16) and writes y once.
+//     and the expand s·h·B[t][n]ᵀ in fp32 (h never rounds to bf16) and writes y once; bias,
+//     scales and the B rows are fetched before the K loop, so after it only h (the shrink's
+//     output, behind the PDL wait) is waited for.
+//
+// Keeping HBM busy. Little's law: 4.3 TB/s x ~700 ns of loaded latency = ~3 MB in flight, ~22 KiB
+// per SM on an H200. The K loop is software-pipelined in registers (Stage): the next stage's
+// U·(2 + MT) 16-byte loads, all unpredicated, issue before the current stage's MMAs, so at M <= 16
+// a thread keeps 12-16 loads (8 of W) in flight, ~62 KiB of W per SM at 2 blocks per SM. Rows past
+// N and empty token slots read a valid row (never stored) instead of being predicated; the last
+// partial stage runs in a guarded, peeled tail.
 //
 // Math units. fp16/bf16 use mma.sync.m16n8k16 (tensor cores, sm_80+) with the "swap AB" trick:
 // W's 16 columns are the MMA's M side and the (few) tokens its N side, so a warp computes a
@@ -58,6 +67,14 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kCols = 16;  // output columns (rows of W or A) per block: the MMA's M side
 constexpr int kStep = 32;  // k per warp step (4 threads x 8 elements)
 constexpr int kRC = 64;    // rank chunk staged in shared memory by the expand epilogue
+// Steps per main-loop iteration by MT (index): U·(2 + MT) 16-byte loads in flight per thread, 2U of
+// them W's. More for few tokens, where W dominates; capped by registers (4·U·(2 + MT) for the loads).
+constexpr int kUnroll[9] = {0, 4, 2, 0, 1, 0, 0, 0, 1};
+// Blocks per SM the register allocation must allow (__launch_bounds__): 2 for the tensor-core
+// kernels up to 32 tokens (<= 128 registers, no spills; ptxas would take ~160 otherwise and leave
+// one block, 8 warps, per SM); the 64-token kernel and the scalar path need more registers than
+// that without spilling (tests/test_cuda_ext.py requires no spills).
+constexpr int kMinBlocks(bool mma, int mt) { return mma && mt <= 4 ? 2 : 1; }
 
 template <typename T> struct Num;
 template <> struct Num<float> {
@@ -138,6 +155,51 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// One 32-wide k step of a warp: the 16 columns of (wa, wb) against the 8·MT tokens of xv.
+// Thread (g, t4) holds physical k = 8·t4 .. 8·t4+7 of W rows g (wa) and g+8 (wb) and of token rows
+// g (+8j); they fill the fragment slots of logical k {2t4, 2t4+1, 2t4+8, 2t4+9} of two MMAs, the
+// same permutation for W and x, so the dot product over k is unchanged.
+template <typename T, int MT>
+__device__ __forceinline__ void mma_step(float (&acc)[MT][4], const uint4& wa, const uint4& wb, const uint4 (&xv)[MT]) {
+#pragma unroll
+  for (int j = 0; j < MT; ++j) {
+    mma16816<T>(acc[j], wa.x, wb.x, wa.y, wb.y, xv[j].x, xv[j].y);
+    mma16816<T>(acc[j], wa.z, wb.z, wa.w, wb.w, xv[j].z, xv[j].w);
+  }
+}
+
+// U k-steps of a warp's W rows (g, g+8) and token rows, as 16-byte registers: one stage of the
+// software pipeline of the fused / shrink main loop. k0: this thread's first element; step u is at
+// k0 + u·kWarps·kStep. No predicates: the caller only loads whole stages.
+template <typename T, int MT, int U>
+struct Stage {
+  uint4 wa[U], wb[U], xv[U][MT];
+  __device__ __forceinline__ void load(const T* w0, const T* w1, const T* const* xr, int64_t k0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = k0 + static_cast<int64_t>(u) * kWarps * kStep;
+      wa[u] = ld16(w0 + k);
+      wb[u] = ld16(w1 + k);
+#pragma unroll
+      for (int j = 0; j < MT; ++j) xv[u][j] = ld16(xr[j] + k);
+    }
+  }
+  __device__ __forceinline__ void multiply(float (&acc)[MT][4]) const {
+#pragma unroll
+    for (int u = 0; u < U; ++u) mma_step<T, MT>(acc, wa[u], wb[u], xv[u]);
+  }
+};
+
+// Prefetch the 128-byte line holding p into L2 (a hint: no fault, no result). tests/cuda_emu checks
+// the address like a load, since a prefetch of a wrong address is a wrong address all the same.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#elif defined(LK_CHECKED)
+  (void)LK_CHECKED(static_cast<const char*>(p));
+#endif
+}
+
 // A PDL launch is safe only if the code that runs has the wait compiled in, i.e. was compiled
 // for sm_90+. That is a property of the binary the driver picked for this device, not of the
 // device: an sm_80 cubin (or compute_80 PTX JIT-compiled) on an H100 has no griddepcontrol.wait
@@ -194,7 +256,7 @@ struct Params {
 
 // The body shared by the shrink (SHRINK) and the fused forward. TM = 8·MT tokens per block.
 template <typename T, int MT, bool MMA, bool SHRINK>
-__global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks(MMA, MT)) skinny_kernel(const Params p) {
   constexpr int TM = 8 * MT;
   constexpr int Q = (TM * kCols + kThreads - 1) / kThreads;  // outputs per thread after the reduction
   // Warp partials [warp][token][col]; reused by the epilogue for h chunks [TM][kRC + 1].
@@ -229,6 +291,32 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
   }
   __syncthreads();
 
+  // After the reduction, thread tid owns column c of the block and tokens tok0 + 16q.
+  const int c = tid & (kCols - 1);
+  const int tok0 = tid >> 4;
+  const int64_t n = n0 + c;
+  // Epilogue operands no other grid writes (bias, scales, the B rows) are fetched now, before the
+  // K loop: they arrive while W streams, and after the loop only h waits on the PDL dependency
+  // (B is prefetched into L2, so the expand reads it from there rather than from cold HBM).
+  float bias_v = 0.f;
+  float scale_v[Q];
+#pragma unroll
+  for (int q = 0; q < Q; ++q) scale_v[q] = 0.f;
+  if constexpr (!SHRINK) {
+    const T* bias = static_cast<const T*>(p.bias);
+    if (bias != nullptr && n < p.N) bias_v = Num<T>::f(__ldg(bias + n));
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      const int tok = tok0 + 16 * q;
+      if (tok >= TM || rows_s[tok] < 0 || task_s[tok] < 0) continue;
+      const int t = task_s[tok];
+      scale_v[q] = p.scales != nullptr ? __ldg(p.scales + t) : p.scale;
+      if (n >= p.N) continue;
+      const char* brow = reinterpret_cast<const char*>(static_cast<const T*>(p.b) + t * p.b_task_stride + n * p.ldb);
+      for (int64_t off = 0; off < p.r * static_cast<int64_t>(sizeof(T)); off += 128) prefetch_l2(brow + off);
+    }
+  }
+
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.w);
   if (SHRINK) w += static_cast<int64_t>(task_s[0]) * p.w_task_stride;  // one task per tile
@@ -238,39 +326,51 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
 
   if constexpr (MMA) {
     const int g = lane >> 2, t4 = lane & 3;
-    const T* w0 = (n0 + g < p.N) ? w + (n0 + g) * p.ldw : nullptr;
-    const T* w1 = (n0 + g + 8 < p.N) ? w + (n0 + g + 8) * p.ldw : nullptr;
+    // Rows past N (last column block) read row N-1 and empty token slots read row 0 of x instead:
+    // their results are never stored, and every load of the main loop is then unpredicated.
+    const T* w0 = w + min(n0 + g, p.N - 1) * p.ldw;
+    const T* w1 = w + min(n0 + g + 8, p.N - 1) * p.ldw;
     const T* xr[MT];
 #pragma unroll
     for (int j = 0; j < MT; ++j) {
       const int64_t row = rows_s[8 * j + g];
-      xr[j] = row >= 0 ? x + row * p.ldx : nullptr;
+      xr[j] = x + (row >= 0 ? row : 0) * p.ldx;
     }
     float acc[MT][4];
 #pragma unroll
     for (int j = 0; j < MT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    // U steps of loads in flight per thread before their MMAs: 256 threads x U x (2 + MT) x 16 B.
-    constexpr int U = MT <= 2 ? 4 : 2;
+    // Main loop, software-pipelined in registers: the U whole steps of the next iteration are
+    // loaded (no predicate on any load) before the MMAs of the current one, so all U·(2 + MT)
+    // 16-byte loads of a stage are in flight while the previous stage is multiplied; a load is only
+    // waited for one iteration after it was issued. (Loading and multiplying the same stage lets
+    // ptxas interleave loads with the MMAs that consume them: ~4 in flight, measured in the SASS.)
+    // tests/test_cuda_ext.py counts the loads in flight in the SASS; lora_kernels/plan/cuda.py uses it.
+    constexpr int U = kUnroll[MT];
+    constexpr int64_t kWarpStride = kWarps * kStep;
+    constexpr int64_t kStage = U * kWarpStride;
+    int64_t kb = kbeg + warp * kStep;
+    const int64_t kfull = kend - ((U - 1) * kWarpStride + kStep);  // a stage at kb is whole iff kb <= kfull
+    if (kb <= kfull) {  // warp-uniform
+      Stage<T, MT, U> cur;
+      cur.load(w0, w1, xr, kb + t4 * 8);
+      for (kb += kStage; kb <= kfull; kb += kStage) {
+        Stage<T, MT, U> next;
+        next.load(w0, w1, xr, kb + t4 * 8);
+        cur.multiply(acc);
+        cur = next;
+      }
+      cur.multiply(acc);  // the last whole stage
+    }
+    // Peeled tail: this warp's last (fewer than U) steps one at a time; K % 8 == 0 on this path, so a
+    // thread's 8-element chunk is wholly in or out of [kbeg, kend).
     const uint4 zero = make_uint4(0, 0, 0, 0);
-    for (int64_t kb = kbeg + warp * kStep; kb < kend; kb += kWarps * kStep * U) {  // warp-uniform
-      uint4 wa[U], wb[U], xv[U][MT];
+    for (; kb < kend; kb += kWarpStride) {  // warp-uniform
+      const int64_t k = kb + t4 * 8;
+      const bool ok = k < kend;  // the tail guard
+      uint4 xv[MT];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t k = kb + u * kWarps * kStep + t4 * 8;
-        const bool ok = k < kend;  // K % 8 == 0 on this path: a chunk is wholly in or out
-        wa[u] = (ok && w0) ? ld16(w0 + k) : zero;
-        wb[u] = (ok && w1) ? ld16(w1 + k) : zero;
-#pragma unroll
-        for (int j = 0; j < MT; ++j) xv[u][j] = (ok && xr[j]) ? ld16(xr[j] + k) : zero;
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-#pragma unroll
-        for (int j = 0; j < MT; ++j) {
-          mma16816<T>(acc[j], wa[u].x, wb[u].x, wa[u].y, wb[u].y, xv[u][j].x, xv[u][j].y);
-          mma16816<T>(acc[j], wa[u].z, wb[u].z, wa[u].w, wb[u].w, xv[u][j].z, xv[u][j].w);
-        }
-      }
+      for (int j = 0; j < MT; ++j) xv[j] = ok ? ld16(xr[j] + k) : zero;
+      mma_step<T, MT>(acc, ok ? ld16(w0 + k) : zero, ok ? ld16(w1 + k) : zero, xv);
     }
     // C fragment: c0,c1 = (col g, tokens 2t4, 2t4+1), c2,c3 = (col g+8, same tokens).
 #pragma unroll
@@ -326,9 +426,7 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
   }
   __syncthreads();
 
-  // Join the warps (fixed order: deterministic). Thread owns column c, tokens tok0 + 16q.
-  const int c = tid & (kCols - 1);
-  const int tok0 = tid >> 4;
+  // Join the warps (fixed order: deterministic).
   float out[Q];
 #pragma unroll
   for (int q = 0; q < Q; ++q) {
@@ -340,7 +438,6 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
     }
     out[q] = v;
   }
-  const int64_t n = n0 + c;
 
   if constexpr (SHRINK) {
 #pragma unroll
@@ -399,7 +496,6 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
       }
     }
     T* y = static_cast<T*>(p.y);
-    const T* bias = static_cast<const T*>(p.bias);
 #pragma unroll
     for (int q = 0; q < Q; ++q) {
       const int tok = tok0 + 16 * q;
@@ -408,12 +504,11 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
       if (row < 0) continue;
       const int t = task_s[tok];
       T* yp = y + row * p.ldy + n;
-      const float s = t >= 0 ? (p.scales != nullptr ? __ldg(p.scales + t) : p.scale) : 0.f;
       if (p.accumulate) {
-        if (t >= 0) *yp = Num<T>::of(Num<T>::f(*yp) + s * lora[q]);  // t < 0: untouched, bit-exact base
+        if (t >= 0) *yp = Num<T>::of(Num<T>::f(*yp) + scale_v[q] * lora[q]);  // t < 0: untouched, bit-exact base
       } else {
-        float v = out[q] + (bias != nullptr ? Num<T>::f(__ldg(bias + n)) : 0.f);
-        if (t >= 0) v += s * lora[q];  // t < 0: no LoRA term at all (not + 0·garbage)
+        float v = out[q] + bias_v;
+        if (t >= 0) v += scale_v[q] * lora[q];  // t < 0: no LoRA term at all (not + 0·garbage)
         *yp = Num<T>::of(v);
       }
     }

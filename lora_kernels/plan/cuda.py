@@ -9,7 +9,8 @@ the kernels and grids, blocks per SM (256-thread blocks, from the registers and 
 (W, x, y once and each present task's A and B once), and two times: the roofline time at the
 attainable bandwidth, and the latency-bound time of Little's law, ``bytes / min(BW, SMs x
 bytes in flight per SM / latency)``, with the 16-byte loads each thread keeps in flight as read in
-the SASS (the unrolled loop asks for U·(2 + MT); ptxas keeps fewer in flight: LOADS_IN_FLIGHT).
+the SASS (LOADS_IN_FLIGHT, counted by tests/test_cuda_ext.py in the compiled kernel), W's share of
+them, and the blocks per SM that are both resident and present in the grid.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ COLS = 16                   # output columns (rows of W, or of A in the shrink) 
 # Registers/thread and static shared memory (bytes) of the fused bf16/fp16 tensor-core kernel per
 # MT (tokens per block = 8·MT), as ptxas reports for sm_90a (nvcc 13.0, -O3); tests/test_cuda_ext.py
 # checks them against the compile, so they cannot drift from the code.
-REGS = {1: 48, 2: 62, 4: 62, 8: 80}
+REGS = {1: 128, 2: 112, 4: 104, 8: 166}
 SMEM = {1: 4192, 2: 8384, 4: 16768, 8: 33536}
-# 16-byte loads in flight per thread in the K loop, as scheduled by ptxas (SASS of sm_90a): the
-# predicated loads keep at most 4 and ~2 on average in flight (labelled: read from the SASS,
-# tests/test_cuda_ext.py re-reads the maximum).
-LOADS_IN_FLIGHT = 2.0
+# 16-byte loads (W and x) in flight per thread in the main K loop, per MT, **read from the SASS**
+# of the sm_90a build: the most loads issued and not yet read by any instruction, over two passes of
+# the loop body (the software pipeline carries a stage across the back edge). tests/test_cuda_ext.py
+# re-counts them in the compiled kernel and fails when they differ. Of the 2 + MT loads of a k
+# step, 2 are W's (rows g and g+8); the MT of x hit L2 (x is tiny and read by every block).
+LOADS_IN_FLIGHT = {1: 12, 2: 16, 4: 10, 8: 18}
 HBM_LATENCY_S = 700e-9      # loaded HBM latency (H100/H200 class), a model constant
 FUSED_MAX_ROWS = 64         # bindings.cpp kFusedMaxRows
 
@@ -64,7 +67,8 @@ def plan_row(gpu: GPU, k: int, n: int, r: int, m: int, tasks: int = 1, elem: int
     h_bytes = 2 * m * r * 4
     moved = minimum + h_bytes + (0 if fused else 2 * m * n * elem)
     bw = gpu.bw * gpu.bw_eff
-    in_flight = active * THREADS * LOADS_IN_FLIGHT * 16  # bytes per SM
+    w_loads = LOADS_IN_FLIGHT[mt] * 2 / (2 + mt)  # W's 16-byte loads in flight per thread
+    in_flight = active * THREADS * w_loads * 16  # bytes of W in flight per SM
     bw_latency = min(bw, gpu.sms * in_flight / HBM_LATENCY_S)
     flops = 2 * m * n * k + 2 * m * r * (k + n)
     compute = flops / (gpu.tc_bf16 * gpu.tc_eff)
@@ -77,6 +81,7 @@ def plan_row(gpu: GPU, k: int, n: int, r: int, m: int, tasks: int = 1, elem: int
         "grid": grid, "blocks_per_sm_resident": resident, "blocks_per_sm_grid": round(per_sm, 2),
         "warps_per_sm": round(active * THREADS / 32, 1),
         "bytes": moved, "bytes_min": minimum, "bytes_ratio": round(moved / minimum, 4),
+        "w_loads_in_flight": round(w_loads, 1),
         "in_flight_kib_per_sm": round(in_flight / 1024, 1),
         "needed_kib_per_sm": round(bw * HBM_LATENCY_S / gpu.sms / 1024, 1),
         "predicted_us": round(predicted * 1e6, 2),

@@ -46,6 +46,8 @@ def cases(lib):
     bf, f32, f16 = torch.bfloat16, torch.float32, torch.float16
     return [
         ("bf16 M=1 tails", lambda: single(1, 264, 40, 5, bf)),
+        ("bf16 M=1 pipelined K", lambda: single(1, 4104, 24, 4, bf)),
+        ("fp16 M=16 pipelined K", lambda: single(16, 2056, 20, 8, f16)),
         ("bf16 M=13 r=70", lambda: single(13, 520, 33, 70, bf)),
         ("fp16 M=40 K splits", lambda: single(40, 1040, 24, 16, f16, num_sms=8)),
         ("bf16 M=64", lambda: single(64, 256, 17, 3, bf)),
