@@ -103,7 +103,7 @@ const void* opt_ptr(const std::optional<at::Tensor>& t) { return t.has_value() ?
 // Shrink into a fresh fp32 workspace [ksplit, M, r]; returns it (and ksplit via the out param).
 at::Tensor run_shrink(const char* op, DType dt, const Device& dev, const at::Tensor& x2, const at::Tensor& a,
                       int64_t r, const at::Tensor* order, const at::Tensor* tiles, int tile_tokens, int* ksplit,
-                      bool* launched, cudaStream_t stream) {
+                      bool* launched, const at::Tensor* tickets, cudaStream_t stream) {
   const int64_t M = x2.size(0), K = x2.size(1);
   const int64_t num_tiles = tiles != nullptr ? tiles->size(0) : 0;
   const int64_t tiles_for_split = tiles != nullptr ? num_tiles : (M + tile_tokens - 1) / tile_tokens;
@@ -123,16 +123,41 @@ at::Tensor run_shrink(const char* op, DType dt, const Device& dev, const at::Ten
   args.ksplit = *ksplit;
   args.k_per_split = kps;
   args.use_mma = dev.mma && lora_kernels::can_use_mma(dt, x2.data_ptr(), K, a.data_ptr(), K, r * K, K);
+  args.tickets = tickets != nullptr ? tickets->data_ptr<int32_t>() : nullptr;
+  args.num_tickets = tickets != nullptr ? tickets->numel() : 0;
   check_launch(lora_kernels::launch_shrink(args, stream), op, "shrink");
   *launched = M > 0 && (tiles == nullptr || num_tiles > 0);
   return h;
+}
+
+// The fused kernel's K split across blocks (small grids, e.g. N = 1024): decided before the shrink,
+// which zeroes the tickets (no memset launch). Empty tensors when there is no split.
+struct FusedParts {
+  int kparts = 1;
+  int64_t k_per_part = 0;
+  at::Tensor part, tickets;
+};
+
+FusedParts plan_fused_parts(DType dt, const Device& dev, const at::Tensor& x2, const at::Tensor& w, bool shrink_runs) {
+  const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
+  FusedParts fp;
+  fp.k_per_part = K;
+  if (M > kFusedMaxRows || !shrink_runs) return fp;  // prefill (cuBLAS), or no shrink to zero the tickets
+  const bool mma = dev.mma && lora_kernels::can_use_mma(dt, x2.data_ptr(), K, w.data_ptr(), w.stride(0), 0, K);
+  lora_kernels::fused_parts(M, N, K, mma, dev.num_sms, &fp.kparts, &fp.k_per_part);
+  if (fp.kparts > 1) {
+    const int64_t tm = mma ? lora_kernels::tile_tokens_for(M) : 8;
+    fp.part = at::empty({fp.kparts, M, N}, x2.options().dtype(at::kFloat));
+    fp.tickets = at::empty({(N + 15) / 16 * ((M + tm - 1) / tm)}, x2.options().dtype(at::kInt));
+  }
+  return fp;
 }
 
 // y = base + LoRA. Fused (M <= kFusedMaxRows) or cuBLAS base + in-place LoRA (accumulate).
 at::Tensor run_fused(const char* op, DType dt, const Device& dev, const at::Tensor& x2, const at::Tensor& w,
                      const std::optional<at::Tensor>& bias, const at::Tensor& h, int ksplit, int64_t r,
                      const at::Tensor& b, const int64_t* task_ids, const float* scales, float scale,
-                     bool after_shrink, cudaStream_t stream) {
+                     bool after_shrink, const FusedParts& parts, cudaStream_t stream) {
   const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
   const bool fused = M <= kFusedMaxRows;
   at::Tensor y;
@@ -160,6 +185,10 @@ at::Tensor run_fused(const char* op, DType dt, const Device& dev, const at::Tens
   // PDL only right behind a shrink launch: the fused kernel reads x before its griddepcontrol.wait,
   // so its programmatic predecessor must be a kernel that itself started after x was written.
   args.pdl = dev.pdl && after_shrink && fused;  // accumulate mode: cuBLAS runs in between
+  args.kparts = fused ? parts.kparts : 1;
+  args.k_per_part = parts.k_per_part;
+  args.part = parts.kparts > 1 ? parts.part.data_ptr<float>() : nullptr;
+  args.tickets = parts.kparts > 1 ? parts.tickets.data_ptr<int32_t>() : nullptr;
   check_launch(lora_kernels::launch_fused(args, stream), op, fused ? "fused forward" : "expand");
   return y;
 }
@@ -199,9 +228,11 @@ at::Tensor cuda_lora_linear(const at::Tensor& x, const at::Tensor& weight, const
   const int tt = lora_kernels::tile_tokens_for(M);
   int ksplit = 1;
   bool launched = false;
-  const at::Tensor h = run_shrink(op, dt, dev, x2, a, r, nullptr, nullptr, tt, &ksplit, &launched, stream);
+  const FusedParts parts = plan_fused_parts(dt, dev, x2, w, /*shrink_runs=*/true);
+  const at::Tensor h = run_shrink(op, dt, dev, x2, a, r, nullptr, nullptr, tt, &ksplit, &launched,
+                                  parts.kparts > 1 ? &parts.tickets : nullptr, stream);
   at::Tensor y = run_fused(op, dt, dev, x2, w, bc, h, ksplit, r, b, nullptr, nullptr, static_cast<float>(scale),
-                           launched, stream);
+                           launched, parts, stream);
   return y.view(out_shape);
 }
 
@@ -253,10 +284,12 @@ at::Tensor cuda_lora_linear_mixed(const at::Tensor& x, const at::Tensor& weight,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   int ksplit = 1;
   bool launched = false;
-  const at::Tensor h =
-      run_shrink(op, dt, dev, x2, a, r, &ord, &tl, static_cast<int>(tile_tokens), &ksplit, &launched, stream);
+  // The shrink runs (and zeroes the tickets) only when some tile has a task: tl.size(0) > 0.
+  const FusedParts parts = plan_fused_parts(dt, dev, x2, w, /*shrink_runs=*/tl.size(0) > 0);
+  const at::Tensor h = run_shrink(op, dt, dev, x2, a, r, &ord, &tl, static_cast<int>(tile_tokens), &ksplit,
+                                  &launched, parts.kparts > 1 ? &parts.tickets : nullptr, stream);
   return run_fused(op, dt, dev, x2, w, bc, h, ksplit, r, b, ids.data_ptr<int64_t>(), s32.data_ptr<float>(), 1.0f,
-                   launched, stream);
+                   launched, parts, stream);
 }
 
 }  // namespace

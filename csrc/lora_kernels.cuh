@@ -40,11 +40,19 @@ struct ShrinkArgs {
   int ksplit;             // from shrink_splits()
   int64_t k_per_split;    // from shrink_splits()
   bool use_mma;           // fp16/bf16 on sm_80+ with aligned rows (see can_use_mma)
+  int* tickets;           // the fused launch's K-part tickets, zeroed here (null when it has no parts)
+  int64_t num_tickets;
 };
 
 // How many K splits the shrink uses (and so the workspace's first dim), and their length.
 void shrink_splits(int64_t K, int64_t r, int64_t num_tiles, int tile_tokens, int num_sms,
                    int* ksplit, int64_t* k_per_split);
+
+// How many blocks the fused forward splits K into (kparts, 1 = none) and their length: a grid of
+// column blocks x token tiles under ~2 blocks per SM (e.g. N = 1024) takes K parts so that every SM
+// streams W. kparts > 1 needs an fp32 workspace part [kparts, M, N] and int tickets
+// [cdiv(N, 16) * token tiles] that the shrink launched just before zeroes (ShrinkArgs::tickets).
+void fused_parts(int64_t M, int64_t N, int64_t K, bool use_mma, int num_sms, int* kparts, int64_t* k_per_part);
 
 // Fused forward: y[m, n] = x[m]·W[n] + bias[n] + s(t) * sum_j h[m, j] * B[t][n, j],
 // h[m, j] = sum_s h_part[s, m, j], t = task_ids[m] (0 when task_ids is null), s(t) = scales[t]
@@ -68,6 +76,11 @@ struct FusedArgs {
   // Launch with Programmatic Dependent Launch after launch_shrink on the same stream (sm_90+):
   // W streams while the shrink runs; h is awaited before the epilogue.
   bool pdl;
+  // K split across blocks (fused_parts): partials in `part`, joined in part order by the last block
+  // of each tile (an int ticket). kparts <= 1: no split (part and tickets unused).
+  int kparts; int64_t k_per_part;
+  float* part;   // [kparts, M, N] fp32
+  int* tickets;  // [cdiv(N, 16) * token tiles], zeroed by the preceding shrink launch
 };
 
 // True when the mma.sync path may run: 2-byte dtype, K % 8 == 0, every row start 16-byte aligned.

@@ -245,8 +245,10 @@ struct Params {
   int64_t M, N, K;                                     // N = r for the shrink
   const int64_t* order; const int32_t* tiles; int tile_tokens; int subs;  // token tiling
   int64_t z_offset;
-  int64_t k_per_split;
+  int64_t k_per_split;                                 // K per blockIdx.y (shrink splits, fused parts)
   float* h_out;                                        // shrink output [ksplit, M, r]
+  int* tickets; int64_t num_tickets;                   // fused K parts' tickets (zeroed by the shrink)
+  int kparts; float* part;                             // fused K parts and their partials [kparts, M, N]
   const void* bias; void* y; int64_t ldy;
   const float* h_part; int ksplit; int64_t r;
   const void* b; int64_t b_task_stride; int64_t ldb;
@@ -266,6 +268,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks(MMA, MT)) skinny_kernel(c
   __shared__ int task_s[TM];
 
   if (SHRINK) pdl_launch_dependents();  // let the fused kernel start streaming W now
+  // The shrink zeroes the fused kernel's K-part tickets: the fused kernel touches them only after its
+  // PDL wait, i.e. after this grid has finished, so no separate memset launch is needed.
+  if (SHRINK && p.tickets != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && p.z_offset == 0)
+    for (int64_t i = threadIdx.x; i < p.num_tickets; i += kThreads) p.tickets[i] = 0;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kCols;
   const int split = blockIdx.y;
@@ -320,8 +326,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks(MMA, MT)) skinny_kernel(c
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.w);
   if (SHRINK) w += static_cast<int64_t>(task_s[0]) * p.w_task_stride;  // one task per tile
-  const int64_t kbeg = SHRINK ? split * p.k_per_split : 0;
-  const int64_t kend = SHRINK ? min(p.K, kbeg + p.k_per_split) : p.K;
+  const int64_t kbeg = split * p.k_per_split;
+  const int64_t kend = min(p.K, kbeg + p.k_per_split);
   float* red = smem + warp * TM * kCols;
 
   if constexpr (MMA) {
@@ -437,6 +443,37 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks(MMA, MT)) skinny_kernel(c
       for (int wi = 0; wi < kWarps; ++wi) v += smem[(wi * TM + tok) * kCols + c];
     }
     out[q] = v;
+  }
+
+  if constexpr (!SHRINK) {
+    if (p.kparts > 1) {
+      // K split across blocks (small grids, e.g. N = 1024: 64 column blocks for 132 SMs). Each part
+      // stores its fp32 partial; the last part of this tile to finish (an integer ticket: no float
+      // atomics) sums all parts in part order, so the result does not depend on which block came
+      // last, and runs the epilogue. The tickets were zeroed by the shrink: wait for it first.
+#pragma unroll
+      for (int q = 0; q < Q; ++q) {
+        const int tok = tok0 + 16 * q;
+        if (tok < TM && rows_s[tok] >= 0 && n < p.N)
+          p.part[(static_cast<int64_t>(split) * p.M + rows_s[tok]) * p.N + n] = out[q];
+      }
+      pdl_wait();  // the tickets are zeroed by the shrink
+      __threadfence();  // this block's partials are visible before its ticket is
+      __shared__ int last_s;
+      __syncthreads();
+      if (tid == 0) last_s = atomicAdd(p.tickets + blockIdx.x + static_cast<int64_t>(gridDim.x) * z, 1) == p.kparts - 1;
+      __syncthreads();
+      if (!last_s) return;
+      __threadfence();  // the other parts' partials, made visible by their fences, are read after the ticket
+#pragma unroll
+      for (int q = 0; q < Q; ++q) {
+        const int tok = tok0 + 16 * q;
+        float v = 0.f;
+        if (tok < TM && rows_s[tok] >= 0 && n < p.N)
+          for (int s = 0; s < p.kparts; ++s) v += ld(p.part + (static_cast<int64_t>(s) * p.M + rows_s[tok]) * p.N + n);
+        out[q] = v;
+      }
+    }
   }
 
   if constexpr (SHRINK) {
@@ -576,6 +613,26 @@ void shrink_splits(int64_t K, int64_t r, int64_t num_tiles, int tile_tokens, int
   *ksplit = static_cast<int>(K > 0 ? cdiv(K, kps) : 1);
 }
 
+void fused_parts(int64_t M, int64_t N, int64_t K, bool use_mma, int num_sms, int* kparts, int64_t* k_per_part) {
+  // A grid of column blocks x token tiles smaller than the SM count leaves SMs without loads (N = 1024:
+  // 64 blocks for 132 SMs): split K so that there are ~2 blocks per SM (what the register budget
+  // allows the <= 32-token kernels; ~62 KiB of W in flight per SM). Larger grids are not split: a
+  // split costs the partials' round trip through L2 and a serial join. Parts are whole pipeline
+  // stages per warp (kUnroll[1] x 256 = 1024 elements), so a part still runs the unpredicated loop.
+  const int64_t blocks = cdiv(N, kCols) * cdiv(M, use_mma ? tile_tokens_for(M) : 8);
+  const int64_t unit = static_cast<int64_t>(kUnroll[1]) * kWarps * kStep;
+  const int64_t sms = num_sms > 0 ? num_sms : 132;
+  int64_t want = blocks >= sms ? 1 : cdiv(2 * sms, blocks);
+  if (want > K / unit) want = K / unit;
+  if (want < 2) {
+    *kparts = 1;
+    *k_per_part = K;
+    return;
+  }
+  *k_per_part = cdiv(cdiv(K, want), unit) * unit;
+  *kparts = static_cast<int>(cdiv(K, *k_per_part));
+}
+
 bool can_use_mma(DType dtype, const void* p0, int64_t ld0, const void* p1, int64_t ld1, int64_t task_stride, int64_t K) {
   if (dtype == DType::kFloat32) return false;
   return K % 8 == 0 && ld0 % 8 == 0 && ld1 % 8 == 0 && task_stride % 8 == 0 &&
@@ -591,6 +648,7 @@ cudaError_t launch_shrink(const ShrinkArgs& a, cudaStream_t stream) {
   p.k_per_split = a.k_per_split;
   p.h_out = a.h_part;
   p.ksplit = a.ksplit; p.r = a.r;
+  p.tickets = a.tickets; p.num_tickets = a.num_tickets;
   const int tt = a.tile_tokens;
   const int tm = a.use_mma ? tt : 8;  // tokens per block
   int64_t gz;
@@ -618,9 +676,12 @@ cudaError_t launch_fused(const FusedArgs& a, cudaStream_t stream) {
   p.b = a.b; p.b_task_stride = a.b_task_stride; p.ldb = a.ldb;
   p.task_ids = a.task_ids; p.scales = a.scales; p.scale = a.scale; p.accumulate = a.accumulate;
   p.pdl = a.pdl;
+  p.kparts = a.kparts > 1 ? a.kparts : 1;
+  p.k_per_split = p.kparts > 1 ? a.k_per_part : a.K;
+  p.part = a.part; p.tickets = a.tickets;
   const int tm = a.use_mma ? tile_tokens_for(a.M) : 8;
-  return launch_dtype<false>(a.dtype, p, a.use_mma, tm / 8, static_cast<unsigned>(cdiv(a.N, kCols)), 1u,
-                             cdiv(a.M, tm), stream);
+  return launch_dtype<false>(a.dtype, p, a.use_mma, tm / 8, static_cast<unsigned>(cdiv(a.N, kCols)),
+                             static_cast<unsigned>(p.kparts), cdiv(a.M, tm), stream);
 }
 
 }  // namespace lora_kernels

@@ -246,11 +246,11 @@ def test_launch_plan_rules():
             where = f"{gpu.name} {r['K']}->{r['N']} r={r['r']} M={r['M']} T={r['T']}"
             assert r["label"] == "prediction"
             assert r["bytes_ratio"] <= 1.03, f"{where}: moves {r['bytes_ratio']}x the minimum bytes"
-            if r["N"] >= 4096:
-                assert r["blocks_per_sm_grid"] >= 1, f"{where}: the grid leaves SMs idle"
+            # Every grid fills the SMs (N = 1024: K split across blocks).
+            assert r["blocks_per_sm_grid"] >= 1, f"{where}: the grid leaves SMs idle"
             # Decode up to 16 tokens: W in flight covers the bandwidth-latency product, so the kernel is
-            # predicted at the base GEMM's time; what misses (M = 64, N = 1024) is listed in the README.
-            if r["M"] <= 16 and r["N"] >= 4096 and r["T"] == 1:
+            # predicted at the base GEMM's time; what misses (M = 64) is listed in the README.
+            if r["M"] <= 16 and r["T"] == 1:
                 assert r["in_flight_kib_per_sm"] >= r["needed_kib_per_sm"], f"{where}: too few loads in flight"
                 assert r["predicted_vs_base"] <= 1.05, f"{where}: predicted {r['predicted_vs_base']}x the base GEMM"
 

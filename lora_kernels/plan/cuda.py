@@ -24,8 +24,8 @@ COLS = 16                   # output columns (rows of W, or of A in the shrink) 
 # Registers/thread and static shared memory (bytes) of the fused bf16/fp16 tensor-core kernel per
 # MT (tokens per block = 8·MT), as ptxas reports for sm_90a (nvcc 13.0, -O3); tests/test_cuda_ext.py
 # checks them against the compile, so they cannot drift from the code.
-REGS = {1: 128, 2: 112, 4: 104, 8: 166}
-SMEM = {1: 4192, 2: 8384, 4: 16768, 8: 33536}
+REGS = {1: 128, 2: 116, 4: 108, 8: 184}
+SMEM = {1: 4196, 2: 8388, 4: 16772, 8: 33540}
 # 16-byte loads (W and x) in flight per thread in the main K loop, per MT, **read from the SASS**
 # of the sm_90a build: the most loads issued and not yet read by any instruction, over two passes of
 # the loop body (the software pipeline carries a stage across the back edge). tests/test_cuda_ext.py
@@ -38,6 +38,19 @@ FUSED_MAX_ROWS = 64         # bindings.cpp kFusedMaxRows
 
 def tile_tokens(m: int) -> int:
     return 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def fused_parts(m: int, n: int, k: int, sms: int) -> int:
+    """K parts of the fused kernel (csrc/lora_linear.cu fused_parts, tensor-core path): a grid smaller
+    than the SM count splits K across blocks (~2 blocks per SM), in parts of whole pipeline stages."""
+    blocks = math.ceil(n / COLS) * math.ceil(m / tile_tokens(m))
+    unit = 4 * 8 * 32
+    want = 1 if blocks >= sms else math.ceil(2 * sms / blocks)
+    want = min(want, k // unit)
+    if want < 2:
+        return 1
+    per_part = math.ceil(math.ceil(k / want) / unit) * unit
+    return math.ceil(k / per_part)
 
 
 def blocks_per_sm(gpu: GPU, mt: int) -> int:
@@ -53,7 +66,8 @@ def plan_row(gpu: GPU, k: int, n: int, r: int, m: int, tasks: int = 1, elem: int
     fused = m <= FUSED_MAX_ROWS
     tm = tile_tokens(m) if fused else 64
     mt = tm // 8
-    grid = math.ceil(n / COLS) * math.ceil(m / tm)
+    kparts = fused_parts(m, n, k, gpu.sms) if fused else 1
+    grid = math.ceil(n / COLS) * math.ceil(m / tm) * kparts
     resident = blocks_per_sm(gpu, mt)
     per_sm = grid / gpu.sms
     active = min(per_sm, resident)  # blocks streaming W at once per SM (first wave)
@@ -65,6 +79,9 @@ def plan_row(gpu: GPU, k: int, n: int, r: int, m: int, tasks: int = 1, elem: int
     # What the kernels move: + the fp32 h partials (written once, read by every column block's epilogue
     # from L2, so HBM sees them once) and, for prefill, cuBLAS's y write + the expand's y read-modify-write.
     h_bytes = 2 * m * r * 4
+    # K parts: fp32 partials written and read back by the tile's last block within the kernel; they stay
+    # in L2 (<= 2 MiB in these cases, 50 MiB of L2), so they are L2 traffic, not HBM bytes.
+    part_l2_bytes = 2 * kparts * m * n * 4 if kparts > 1 else 0
     moved = minimum + h_bytes + (0 if fused else 2 * m * n * elem)
     bw = gpu.bw * gpu.bw_eff
     w_loads = LOADS_IN_FLIGHT[mt] * 2 / (2 + mt)  # W's 16-byte loads in flight per thread
@@ -78,6 +95,7 @@ def plan_row(gpu: GPU, k: int, n: int, r: int, m: int, tasks: int = 1, elem: int
     return {
         "gpu": gpu.name, "K": k, "N": n, "r": r, "M": m, "T": t,
         "kernels": "shrink+fused" if fused else "cuBLAS+shrink+expand", "launches": launches,
+        "kparts": kparts, "part_l2_bytes": part_l2_bytes,
         "grid": grid, "blocks_per_sm_resident": resident, "blocks_per_sm_grid": round(per_sm, 2),
         "warps_per_sm": round(active * THREADS / 32, 1),
         "bytes": moved, "bytes_min": minimum, "bytes_ratio": round(moved / minimum, 4),
@@ -103,7 +121,7 @@ def plan_rows(gpu: GPU, ranks=(16,), ms=(1, 16, 64), distinct=False) -> list[dic
 
 
 def format_rows(rows: list[dict]) -> str:
-    cols = ["K", "N", "r", "M", "T", "grid", "blocks_per_sm_grid", "warps_per_sm", "bytes_ratio",
+    cols = ["K", "N", "r", "M", "T", "kparts", "grid", "blocks_per_sm_grid", "warps_per_sm", "bytes_ratio",
             "in_flight_kib_per_sm", "needed_kib_per_sm", "predicted_us", "base_predicted_us", "predicted_vs_base"]
     out = [" | ".join(cols), " | ".join("---" for _ in cols)]
     out += [" | ".join(str(r[c]) for c in cols) for r in rows]

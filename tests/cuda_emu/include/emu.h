@@ -89,6 +89,7 @@ inline __half __float2half_rn(float f) {
 
 inline uint3 threadIdx;  // set by the scheduler before it resumes a fiber
 inline uint3 blockIdx;
+inline uint3 gridDim;  // set by launch()
 
 using std::max;
 using std::min;
@@ -196,6 +197,7 @@ inline void launch(const std::function<void()>& body, dim3 grid, int threads) {
   if (threads != kThreads) std::abort();
   static std::vector<char> stacks(kThreads * kStack);
   g_body = &body;
+  gridDim = {grid.x, grid.y, grid.z};
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -308,6 +310,14 @@ inline cudaError_t cudaGetDevice(int* d) {
   return cudaSuccess;
 }
 [[noreturn]] inline void __trap() { std::abort(); }
+// Blocks run one at a time here, so an atomic is a plain read-modify-write and a fence orders nothing
+// that is not already ordered; what these model is the kernels' use of them (the ticket's value).
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p = old + v;
+  return old;
+}
+inline void __threadfence() {}
 
 #define LK_EMULATE_MMA(d, a0, a1, a2, a3, b0, b1, T) ::emu::mma<T>(d, a0, a1, a2, a3, b0, b1)
 #define LK_EMULATE_PDL_WAIT() ::emu::pdl_wait()
