@@ -105,6 +105,16 @@ __device__ __forceinline__ T ld(const T* p) {
 #endif
 }
 
+// A load cached in L2 only (ld.global.cg): for data that other blocks of the same grid wrote (the K
+// parts' partials), which this SM's L1, not coherent across SMs, must not serve.
+__device__ __forceinline__ float ld_cg(const float* p) {
+#ifdef LK_CHECKED
+  return *LK_CHECKED(p);
+#else
+  return __ldcg(p);
+#endif
+}
+
 // d += a·b for one m16n8k16 tile, fp32 accumulate.
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -470,7 +480,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks(MMA, MT)) skinny_kernel(c
         const int tok = tok0 + 16 * q;
         float v = 0.f;
         if (tok < TM && rows_s[tok] >= 0 && n < p.N)
-          for (int s = 0; s < p.kparts; ++s) v += ld(p.part + (static_cast<int64_t>(s) * p.M + rows_s[tok]) * p.N + n);
+          for (int s = 0; s < p.kparts; ++s) v += ld_cg(p.part + (static_cast<int64_t>(s) * p.M + rows_s[tok]) * p.N + n);
         out[q] = v;
       }
     }
