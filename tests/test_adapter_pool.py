@@ -28,6 +28,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 V, S = 40, 5
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny ops: OpenMP threads only spin here
 
 
 class Tiny(nn.Module):
@@ -143,6 +144,25 @@ def test_reload_after_eviction_is_bit_identical(files):
         assert torch.equal(first, again)
         s = pool.stats
         assert (s.evictions, s.misses_disk, s.misses_host) == ((2, 3, 0) if host == 0 else (2, 2, 1)), s
+    # Evicted while the host tier no longer holds it: its weights are written back to the host as they are.
+    pool = make_pool(files, slots=1, host_slots=2)
+    with torch.no_grad():
+        first = pool(x, task="a0")
+        pool(x, task="a1")
+        pool(x, task="a5")  # rank 2 (a1, a5): the host tier drops a0, which stays resident
+        assert pool.host_resident == ["a1", "a5"] and "a0" in pool.resident
+        pool(x, task="a4")  # rank 1: evicts a0, written back to the host
+        again = pool(x, task="a0")
+    assert torch.equal(first, again)
+    assert pool.stats.misses_host == 1
+
+
+def test_least_recently_used_is_evicted(files):
+    pool = make_pool(files, slots=2, host_slots=0).add("b0", files["a0"])  # a0, a4, b0: rank 1
+    with torch.no_grad():
+        for name in ("a0", "a4", "a0", "b0"):
+            pool(ids(1), task=name)
+    assert pool.resident == ["a0", "b0"] and pool.stats.evictions == 1
 
 
 # --- bounded memory ------------------------------------------------------------------------------
@@ -355,7 +375,21 @@ def test_all_slots_pinned_waits_then_raises(files):
     finally:
         release.set()
         holder.join()
-    # once released, the waiting call gets the slot
-    with torch.no_grad():
-        pool(ids(1), task="a4")
-    assert "a0" not in pool.resident
+    # A call that finds every slot pinned waits, and runs once the holder is done.
+    pool.wait_timeout = 30.0
+    inside.clear()
+    release.clear()
+    handle = pool.model.model.l2.register_forward_pre_hook(hold)
+    holder = threading.Thread(target=lambda: pool(ids(1), task="a0"))
+    holder.start()
+    assert inside.wait(10)
+    handle.remove()
+    waiter_errors = []
+    waiter = threading.Thread(target=lambda: waiter_errors.append(pool(ids(1), task="a4") is None))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and pool.resident[-1] == "a0"  # waiting for a0's slot
+    release.set()
+    holder.join()
+    waiter.join(10)
+    assert waiter_errors == [False] and "a4" in pool.resident and "a0" not in pool.resident
