@@ -44,6 +44,9 @@ class Setup:
     hidden: int = 256
     layers: int = 2
     vocab: int = 1000
+    rank: int = RANK
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
 
 
 TINY = Setup(adapters=24, batch=8, seq=8, hidden=32, layers=1, vocab=64)
@@ -56,7 +59,7 @@ def base_model(st: Setup):
     cfg = LlamaConfig(vocab_size=st.vocab, hidden_size=st.hidden, intermediate_size=2 * st.hidden, num_hidden_layers=st.layers,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
     cfg._attn_implementation = "sdpa"
-    return LlamaModel(cfg).eval().requires_grad_(False)
+    return LlamaModel(cfg).to(st.device, st.dtype).eval().requires_grad_(False)
 
 
 def write_adapters(st: Setup, folder: str) -> dict[str, str]:
@@ -66,7 +69,7 @@ def write_adapters(st: Setup, folder: str) -> dict[str, str]:
 
     model = lk.Model(base_model(st))
     modules = [p for p in model.layers if p.rsplit(".", 1)[-1] in TARGETS]
-    model.add_task("t", rank=RANK, alpha=ALPHA, modules=modules)
+    model.add_task("t", rank=st.rank, alpha=ALPHA, modules=modules)
     template = os.path.join(folder, "template.safetensors")
     model.save_task(template, "t")  # the library writes the metadata once; the files below reuse it
     with safe_open(template, framework="pt") as f:
@@ -78,8 +81,8 @@ def write_adapters(st: Setup, folder: str) -> dict[str, str]:
         weights = {}
         for p in modules:
             n_in, n_out = model.layers[p].dims()
-            weights[f"{p}.lora_A.weight"] = torch.randn(RANK, n_in, generator=g) / n_in ** 0.5
-            weights[f"{p}.lora_B.weight"] = torch.randn(n_out, RANK, generator=g) * 0.05
+            weights[f"{p}.lora_A.weight"] = torch.randn(st.rank, n_in, generator=g) / n_in ** 0.5
+            weights[f"{p}.lora_B.weight"] = torch.randn(n_out, st.rank, generator=g) * 0.05
         paths[f"u{i}"] = os.path.join(folder, f"u{i}.safetensors")
         save_file(weights, paths[f"u{i}"], metadata=metadata)
     return paths
@@ -92,7 +95,8 @@ def requests(st: Setup, n: int, seed: int = 0) -> list[tuple[torch.Tensor, list[
     out = []
     for _ in range(n):
         picks = torch.multinomial(weights, st.batch, replacement=True, generator=g).tolist()
-        out.append((torch.randint(0, st.vocab, (st.batch, st.seq), generator=g), [f"u{p}" for p in picks]))
+        ids = torch.randint(0, st.vocab, (st.batch, st.seq), generator=g)
+        out.append((ids.to(st.device), [f"u{p}" for p in picks]))
     return out
 
 
@@ -107,7 +111,7 @@ def peft_all(st: Setup, resident: lk.Model):
     """PEFT with every adapter loaded (weights copied from the all-resident model's tasks)."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), lora_dropout=0.0)
+    config = LoraConfig(r=st.rank, lora_alpha=ALPHA, target_modules=list(TARGETS), lora_dropout=0.0)
     model = None
     for name in resident.tasks:
         if model is None:
@@ -138,7 +142,7 @@ def peers(st: Setup, paths: dict[str, str], slots=(8, 32, 128), with_peft: bool 
             def loop(x, t):
                 y = None
                 for name in dict.fromkeys(t):
-                    rows = torch.tensor([i for i, n in enumerate(t) if n == name])
+                    rows = torch.tensor([i for i, n in enumerate(t) if n == name], device=x.device)
                     peft_model.set_adapter(name)
                     part = peft_model(input_ids=x[rows], use_cache=False).last_hidden_state
                     y = part.new_empty((x.shape[0], *part.shape[1:])) if y is None else y
@@ -150,13 +154,16 @@ def peers(st: Setup, paths: dict[str, str], slots=(8, 32, 128), with_peft: bool 
 
 
 def measure(run, reqs, warmup: int) -> dict:
+    sync = torch.cuda.synchronize if reqs[0][0].is_cuda else (lambda: None)
     with torch.no_grad():
         for x, t in reqs[:warmup]:
             run(x, t)
         times = []
         for x, t in reqs[warmup:]:
+            sync()
             start = time.perf_counter()
             run(x, t)
+            sync()
             times.append(time.perf_counter() - start)
     times.sort()
     tokens = reqs[0][0].numel()
@@ -249,7 +256,7 @@ def main(argv=None) -> None:
             print(f"{name}: {res}", file=sys.stderr)
         dev_all = sum(p.nbytes for n in resident.tasks for p in resident.task_parameters(n).values()) / 2**20
     base = next(r for n, r in rows if n == "lk all resident")["tokens_s"]
-    lines = [f"{st.adapters} adapters (rank {RANK}, {', '.join(TARGETS)}), zipf(1.1) requests of {st.batch} sequences x "
+    lines = [f"{st.adapters} adapters (rank {st.rank}, {', '.join(TARGETS)}), zipf(1.1) requests of {st.batch} sequences x "
              f"{st.seq} tokens, Llama-style {st.layers} layers x {st.hidden} hidden; {args.requests} timed requests after "
              f"{args.warmup} warm-up; torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}.", "",

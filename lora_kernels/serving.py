@@ -129,6 +129,7 @@ class AdapterPool:
         self._stats = PoolStats()
         self._stream = None  # CUDA side stream of prefetch (created on first use)
         self._pending: list = []  # CUDA events of prefetch copies the next call waits on
+        self._last_use: dict[str, Any] = {}  # CUDA: task -> event after the last call that used it
         for r in self._slots or ():
             self._reserve(r)
 
@@ -253,14 +254,19 @@ class AdapterPool:
         """Make ``names`` resident and pinned for the body of the ``with``."""
         self._acquire(names)
         try:
-            self._wait_pending()
             yield
         finally:
+            event = None
+            if names and _device_of(self.model).type == "cuda":  # when the GPU is done with this call's slots
+                event = torch.cuda.Event()
+                event.record()
             with self._lock:
                 for n in names:
                     self._pins[n] -= 1
                     if not self._pins[n]:
                         del self._pins[n]
+                    if event is not None:
+                        self._last_use[n] = event
                 self._lock.notify_all()
 
     def _acquire(self, names: list[str]) -> None:
@@ -282,6 +288,7 @@ class AdapterPool:
                                        f"is pinned by running calls ({dict(self._pins)}). Use fewer concurrent calls, more "
                                        "slots, or a longer wait_timeout")
                 self._lock.wait(left)
+            self._wait_pending()  # prefetch copies (side stream) land before this call evicts, writes or reads
             self._commit(victims, names, entries, fresh, None, count=True)
             for n in names:
                 self._pins[n] += 1
@@ -291,6 +298,9 @@ class AdapterPool:
         """Evict ``victims``, make ``entries`` resident, touch ``names`` (under the lock)."""
         st = self._stats
         for v in victims:
+            last = self._last_use.pop(v, None)
+            if stream is not None and last is not None:
+                stream.wait_event(last)  # kernels queued by an earlier call may still read the victim's slot
             self._evict(v)
         for n in names:
             if n in self._resident:
@@ -375,7 +385,8 @@ class AdapterPool:
             return
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=_device_of(self.model))
-        self._stream.wait_stream(torch.cuda.current_stream())  # slots freed by evictions may still be read
+        # Copies overlap the work already queued; a victim's slot is rewritten only after the
+        # last call that read it (its event, in _commit).
         with torch.cuda.stream(self._stream):
             yield self._stream
 
