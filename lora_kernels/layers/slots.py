@@ -104,7 +104,7 @@ class LayerSlots:
         new.ranks = [0] * self.a.shape[0]
         for n, s in new.index.items():
             new.ranks[s] = r if n == name else self.host_ranks[s]
-        new._freeze()
+        new._freeze(self._sig)
         return new
 
     def without_task(self, name: str) -> "LayerSlots":
@@ -112,18 +112,25 @@ class LayerSlots:
         new.ranks = [0] * self.a.shape[0]
         for n, s in new.index.items():
             new.ranks[s] = self.host_ranks[s]
-        new._freeze()
+        new._freeze(self._sig)
         return new
 
-    def _freeze(self) -> None:
+    def _freeze(self, known: dict | None = None) -> None:
+        """Publish: host and device ranks, and each task's view signature (``known``: the signatures
+        of a pool on the same storage, reused for the tasks it holds, so adding or removing one task
+        costs one signature, not one per slot: a serving pool swaps tasks on every miss)."""
         # Ranks on the host for the per-call checks (no device sync), and on the device for the kernels.
         self.host_ranks = tuple(self.ranks)
         self.ranks = torch.tensor(self.host_ranks, dtype=torch.int32, device=self.a.device)
         # Each slot view's address, shape and strides, for the per-call identity check (:meth:`holds`).
+        known = known or {}
         self._sig = {}
         for n in self.index:
-            va, vb = self.views(n)
-            self._sig[n] = (va.data_ptr(), va.shape, va.stride(), vb.data_ptr(), vb.shape, vb.stride())
+            sig = known.get(n)
+            if sig is None:
+                va, vb = self.views(n)
+                sig = (va.data_ptr(), va.shape, va.stride(), vb.data_ptr(), vb.shape, vb.stride())
+            self._sig[n] = sig
 
     @property
     def capacity(self) -> int:
