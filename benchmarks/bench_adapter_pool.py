@@ -154,21 +154,35 @@ def peers(st: Setup, paths: dict[str, str], slots=(8, 32, 128), with_peft: bool 
 
 
 def measure(run, reqs, warmup: int) -> dict:
+    """Latency of each request after ``warmup`` ones: tokens/s (median) and p50/p99."""
+    return measure_all({"run": (run, None)}, reqs, warmup)["run"]
+
+
+def measure_all(runs: dict, reqs, warmup: int) -> dict:
+    """Every peer on every request, peers interleaved request by request (a shared, noisy machine
+    then slows them alike); each pool sees the same request sequence. Stats counted after warm-up."""
     sync = torch.cuda.synchronize if reqs[0][0].is_cuda else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
-        for x, t in reqs[:warmup]:
-            run(x, t)
-        times = []
-        for x, t in reqs[warmup:]:
-            sync()
-            start = time.perf_counter()
-            run(x, t)
-            sync()
-            times.append(time.perf_counter() - start)
-    times.sort()
+        for i, (x, t) in enumerate(reqs):
+            if i == warmup:
+                for _, pool in runs.values():
+                    if pool is not None:
+                        pool.reset_stats()
+            for name, (run, _) in runs.items():
+                sync()
+                start = time.perf_counter()
+                run(x, t)
+                sync()
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
     tokens = reqs[0][0].numel()
-    p = lambda q: times[min(len(times) - 1, int(q * len(times)))]
-    return {"tokens_s": tokens / statistics.median(times), "p50_ms": 1e3 * p(0.5), "p99_ms": 1e3 * p(0.99), "n": len(times)}
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        p = lambda q: ts[min(len(ts) - 1, int(q * len(ts)))]
+        out[name] = {"tokens_s": tokens / statistics.median(ts), "p50_ms": 1e3 * p(0.5), "p99_ms": 1e3 * p(0.99), "n": len(ts)}
+    return out
 
 
 # --- pytest-benchmark: smoke in CI (tiny sizes), timings with --bench-size quick ----------------------
@@ -244,10 +258,9 @@ def main(argv=None) -> None:
         print(f"peers ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         reqs = requests(st, args.warmup + args.requests, seed=1)
         rows = []
+        measured = measure_all(runs, reqs, args.warmup)
         for name, (run, pool) in runs.items():
-            if pool is not None:
-                pool.reset_stats()
-            res = measure(run, reqs, args.warmup)
+            res = measured[name]
             if pool is not None:
                 s = pool.stats
                 res.update(hit_rate=s.hit_rate, slots=int(name.split()[1]), evictions=s.evictions,
@@ -258,7 +271,7 @@ def main(argv=None) -> None:
     base = next(r for n, r in rows if n == "lk all resident")["tokens_s"]
     lines = [f"{st.adapters} adapters (rank {st.rank}, {', '.join(TARGETS)}), zipf(1.1) requests of {st.batch} sequences x "
              f"{st.seq} tokens, Llama-style {st.layers} layers x {st.hidden} hidden; {args.requests} timed requests after "
-             f"{args.warmup} warm-up; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"{args.warmup} warm-up, peers interleaved request by request; torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}.", "",
              "| peer | tokens/s (median) | × all resident | p50 ms | p99 ms | hit rate | evictions | adapter memory MiB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
