@@ -649,7 +649,7 @@ class Model(nn.Module):
             sd = layer.own_state(task, keep_vars) if isinstance(layer, CustomLayer) else layer.adapters[task].state_dict(keep_vars=keep_vars)
             for k, v in sd.items():
                 if not keep_vars and v.untyped_storage().nbytes() > v.numel() * v.element_size():
-                    # A slot of an adapter pool: a copy of the task alone (torch.save would write the
+                    # A slot of a layer's LayerSlots: a copy of the task alone (torch.save would write the
                     # whole pool, and the dict is the task's values, not a window on other tasks).
                     v = v.clone()
                 out[f"{path}.{k}" if path else k] = v

@@ -14,7 +14,9 @@ Steps (each one that fails prints its error and the run goes on):
    against the base model's forward;
 5. large offsets: ``lora_linear`` and ``lora_linear_mixed`` with M·K > 2³¹ elements, rows at the
    end checked against the reference (skipped when memory is short);
-6. the benchmark matrix's GPU subset (``python -m lora_kernels bench --size gpu``), within the time
+6. the adapter pool: 1,000 adapters, zipf(1.1) requests, 8/32/128 slots vs all-resident, prefetch
+   (outputs checked first);
+7. the benchmark matrix's GPU subset (``python -m lora_kernels bench --size gpu``), within the time
    left, writing ``benchmarks/results/<gpu>-<date>.md`` and its plot;
 
 and ends with the short table: the steps, the targets, and the 4096→4096 rank-16 rows.
@@ -228,6 +230,76 @@ def step_offsets(run: Run) -> str:
     return msg
 
 
+def step_adapter_pool(run: Run) -> str:
+    """lk.AdapterPool: 1,000 rank-16 adapters (q/k/v/o of a 2-layer Llama-style model, bf16), zipf(1.1)
+    requests of 32 sequences x 128 tokens. Outputs first (the pool's equal the all-resident model's;
+    a run with prefetch equals one without), then tokens/s at 8/32/128 slots vs all-resident
+    (DESIGN.md target: >= 0.8x at 32 slots), with and without prefetch of the next request's tasks,
+    and device bytes within the slots' bound."""
+    import tempfile
+
+    import torch
+
+    import bench_adapter_pool as bp
+
+    if run.dry:
+        st = bp.TINY
+    else:
+        st = bp.Setup(adapters=1000, batch=32, seq=128, hidden=1024, layers=2, vocab=1024, rank=16, device="cuda",
+                      dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = bp.write_adapters(st, folder)
+        runs, resident = bp.peers(st, paths, slots=(8, 32, 128), with_peft=False)
+        reqs = bp.requests(st, 8 + 20, seed=1)
+        wrong = []
+        with torch.no_grad():
+            for x, t in reqs[:3]:
+                ref = resident(x, task=t, use_cache=False).last_hidden_state
+                for name, (fn, pool) in runs.items():
+                    got = fn(x, t)
+                    same = torch.equal(got, ref) if pool is None or pool._fits(sorted(set(t))) else \
+                        bool(((got.float() - ref.float()).norm() <= 2e-2 * ref.float().norm()).item())
+                    if not same:
+                        wrong.append(name)
+        res = {}
+        for name, (fn, pool) in runs.items():
+            if pool is not None:
+                pool.reset_stats()
+            res[name] = bp.measure(fn, reqs, 8)
+            if pool is not None:
+                res[name]["hit"] = pool.stats.hit_rate
+                if pool.device_bytes() > pool.device_bytes_bound():
+                    wrong.append(f"{name}: device bytes {pool.device_bytes()} > bound {pool.device_bytes_bound()}")
+        # Prefetch: the next request's tasks are copied on a side stream while this one runs.
+        fn32, pool32 = runs["pool 32 slots"]
+        outs, times = [], []
+        with torch.no_grad():
+            for i, (x, t) in enumerate(reqs):
+                torch.cuda.synchronize() if x.is_cuda else None
+                start = time.perf_counter()
+                y = fn32(x, t)
+                if i + 1 < len(reqs):
+                    pool32.prefetch(list(dict.fromkeys(reqs[i + 1][1]))[:16])
+                torch.cuda.synchronize() if x.is_cuda else None
+                times.append(time.perf_counter() - start)
+                if i < 3:
+                    outs.append(y)
+            for (x, t), y in zip(reqs[:3], outs):
+                if not torch.equal(y, fn32(x, t)):
+                    wrong.append("pool 32 slots with prefetch")
+        times = sorted(times[8:])
+        pre = reqs[0][0].numel() / times[len(times) // 2]
+    base = res["lk all resident"]["tokens_s"]
+    parts = [f"{n.replace('pool ', '')}: {r['tokens_s']:,.0f} tok/s ({r['tokens_s'] / base:.2f}x"
+             + (f", hit {100 * r['hit']:.0f}%" if "hit" in r else "") + ")" for n, r in res.items()]
+    msg = "adapter pool (" + ("tiny, CPU" if run.dry else "1000 x r16, bf16, B32 x S128") + "): " + "; ".join(parts)
+    msg += f"; 32 slots + prefetch: {pre:,.0f} tok/s ({pre / base:.2f}x)"
+    run.notes.append(msg)
+    if wrong:
+        raise AssertionError(f"WRONG: {wrong}; {msg}")
+    return msg
+
+
 def step_bench(run: Run, stem: str, out_dir: Path) -> str:
     size = "tiny" if run.dry else "gpu"
     budget = run.left() - 25
@@ -271,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-dry-run", action="store_true", help="run every step on CPU at toy sizes (checks the script)")
     ap.add_argument("--budget", type=float, default=450.0, help="seconds for the whole run (default 450)")
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results; dry run: /tmp)")
-    ap.add_argument("--skip", default="", help="comma-separated steps to skip: tests,cuda,memory,offsets,bench")
+    ap.add_argument("--skip", default="", help="comma-separated steps to skip: tests,cuda,memory,offsets,pool,bench")
     args = ap.parse_args(argv)
     import torch
 
@@ -295,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         run.step("mixed-task peak memory", step_memory, run)
     if "offsets" not in skip:
         run.step("large offsets (M·K > 2^31)", step_offsets, run)
+    if "pool" not in skip:
+        run.step("adapter pool", step_adapter_pool, run)
     if "bench" not in skip:
         run.step("benchmarks", step_bench, run, stem, out_dir)
     try:

@@ -42,7 +42,7 @@ from ..validation import is_num as _is_num
 from ..validation import refuse as _refuse
 from .checkpoint import atomic_save_folder, atomic_save_safetensors, atomic_write_text, load_into_task, parse_json, read_safetensors
 
-__all__ = ["load_peft_adapter", "save_peft_adapter"]
+__all__ = ["load_peft_adapter", "read_peft_adapter", "save_peft_adapter"]
 
 # User patterns (target_modules, exclude_modules, rank/alpha_pattern, layers_pattern) come from the
 # file: matched with the `regex` engine under a time limit, because Python's `re` backtracks
@@ -270,6 +270,13 @@ def load_peft_adapter(model: Model, path: str | os.PathLike, task: str, *, allow
     (hot-swap) when it adapts the same modules with the same ranks, alphas, rsLoRA and dropout.
     Refuses (:class:`CheckpointError`) without changing the model.
     """
+    config, tensors, source = read_peft_adapter(model, path, allow_pickle=allow_pickle)
+    load_into_task(model, task, config, [], tensors, source)
+
+
+def read_peft_adapter(model: Model, path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[TaskConfig, dict[str, Tensor], str]:
+    """Read and check the PEFT folder ``path`` against ``model`` without changing it:
+    ``(config, tensors under the task's state-dict keys (CPU), source)`` for :func:`load_into_task`."""
     folder = os.fspath(path)
     source = f"PEFT adapter '{folder}'"
     if not os.path.isdir(folder):
@@ -368,7 +375,7 @@ def load_peft_adapter(model: Model, path: str | os.PathLike, task: str, *, allow
         tensors[_module_key(p, "lora_A.weight")] = pairs[p]["A"]
         tensors[_module_key(p, "lora_B.weight")] = pairs[p]["B"]
     _padding_warning(model, paths, "loading")
-    load_into_task(model, task, config, [], tensors, source)
+    return config, tensors, source
 
 
 # --- saving --------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..ops.reference import segmented_delta
 from ..ops.routing import Routing
-from .pool import AdapterPool
+from .slots import LayerSlots
 from .routing import Mix, Route, call_in_flight, current_route
 
 INITS = ("paper", "gaussian", "kaiming_both")
@@ -91,12 +91,15 @@ class LoRALayer(nn.Module):
         self.base = base
         self.adapters = TaskDict()
         self.path = ""  # set by Model: the module's path in the original model, for errors and keys
-        # The tasks' storage when ``pooled`` (see layers/pool.py): one pool per (rank, dtype, device),
+        # The tasks' storage when ``pooled`` (see layers/slots.py): one pool per (rank, dtype, device),
         # so every task's views are contiguous. The dict is replaced whole, never mutated: a call
         # reads one consistent snapshot.
-        self._pools: dict[tuple, AdapterPool] = {}
+        self._pools: dict[tuple, LayerSlots] = {}
+        # rank -> slots reserved by a serving pool (lk.AdapterPool): that rank's storage is built with
+        # exactly that capacity (not doubled), and kept (never shrunk or dropped) while tasks come and go.
+        self._reserved: dict[int, int] = {}
 
-    #: whether the tasks' A/B live in stacked storage (:class:`AdapterPool`) that the stacked
+    #: whether the tasks' A/B live in stacked storage (:class:`LayerSlots`) that the stacked
     #: kernels read directly. Set by the types whose mixed batches use stacks (Linear, Embedding).
     pooled: bool = False
 
@@ -106,9 +109,20 @@ class LoRALayer(nn.Module):
         a = adapter.lora_A.weight
         return a.shape[0], a.dtype, a.device
 
-    def pool_of(self, name: str) -> AdapterPool | None:
+    def pool_of(self, name: str) -> LayerSlots | None:
         """The pool holding task ``name``'s slot, or None (unpooled layer type)."""
         return next((p for p in self._pools.values() if name in p.index), None)
+
+    def reserve_slots(self, rank: int, count: int) -> None:
+        """Keep the storage of rank-``rank`` tasks at exactly ``count`` slots (``a [count, rank, K]``,
+        ``b [count, N, rank]``): the serving pool (:class:`lora_kernels.AdapterPool`) bounds its device
+        memory with it, and adding or removing tasks then never reallocates while at most ``count``
+        tasks of that rank are held. More tasks than that still fit (the storage then grows as usual)."""
+        self._reserved = {**self._reserved, int(rank): int(count)}
+
+    def _capacity(self, rank: int, n: int) -> int:
+        """Slots to allocate for ``n`` tasks of ``rank``: room to grow (doubling), or the reservation."""
+        return max(self._reserved[rank], n) if rank in self._reserved else 2 * n
 
     def attach(self, name: str, adapter: nn.Module) -> None:
         """Add ``adapter`` as task ``name`` (its parameters move into a pool, values kept)."""
@@ -127,7 +141,7 @@ class LoRALayer(nn.Module):
             return name, adapter, kind, pool, (name,)
         # No free slot: a new pool with room to grow (doubling), built from copies of the live slots.
         live = [(n, *self._values(n)) for n in old.index] if old is not None else []
-        pool = AdapterPool.build(live + [(name, a, b)], spare=len(live) + 1)
+        pool = LayerSlots.build(live + [(name, a, b)], spare=self._capacity(kind[0], len(live) + 1) - len(live) - 1)
         return name, adapter, kind, pool, tuple(pool.index)
 
     def commit(self, plan: tuple) -> None:
@@ -152,10 +166,12 @@ class LoRALayer(nn.Module):
             return
         pool, pools = self._pools[kind], dict(self._pools)
         rest = [n for n in pool.index if n != name]
-        if not rest:
+        if kind[0] in self._reserved:  # reserved storage stays (the next task of this rank reuses the slot)
+            pools[kind] = pool.without_task(name)
+        elif not rest:
             del pools[kind]
         elif len(rest) * 4 <= pool.capacity:  # mostly free: give the memory back
-            pools[kind] = AdapterPool.build([(n, *self._values(n)) for n in rest], spare=len(rest))
+            pools[kind] = LayerSlots.build([(n, *self._values(n)) for n in rest], spare=len(rest))
             self._point(pools[kind], rest)
         else:
             pools[kind] = pool.without_task(name)
@@ -168,7 +184,7 @@ class LoRALayer(nn.Module):
         groups: dict[tuple, list] = {}
         for n, ad in self.adapters.items():
             groups.setdefault(self._kind(ad), []).append((n, ad.lora_A.weight.detach(), ad.lora_B.weight.detach()))
-        pools = {kind: AdapterPool.build(live, spare=len(live)) for kind, live in groups.items()}
+        pools = {kind: LayerSlots.build(live, spare=self._capacity(kind[0], len(live)) - len(live)) for kind, live in groups.items()}
         for pool in pools.values():
             self._point(pool, list(pool.index))
         self._pools = pools
@@ -179,7 +195,7 @@ class LoRALayer(nn.Module):
         ad = self.adapters[name]
         return ad.lora_A.weight.detach(), ad.lora_B.weight.detach()
 
-    def _point(self, pool: AdapterPool, names) -> None:
+    def _point(self, pool: LayerSlots, names) -> None:
         with torch.no_grad():
             for n in names:
                 ad = self.adapters[n]
@@ -411,7 +427,7 @@ class LoRALayer(nn.Module):
         return pool.a, pool.b, pool.scales(tuple(sorted(pairs.items()))), pool.ranks, pooled
 
     @staticmethod
-    def _readopt(pool: AdapterPool, name: str, a: Tensor, b: Tensor) -> bool:
+    def _readopt(pool: LayerSlots, name: str, a: Tensor, b: Tensor) -> bool:
         """Copy a parameter rebound away from its slot (``p.data = ...``, ``vector_to_parameters``)
         back into the slot and point it there. Only plain tensors of the pool's dtype and device;
         anything else (a DTensor of FSDP, a cast adapter) is left alone and stacked per call."""

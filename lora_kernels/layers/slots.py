@@ -1,4 +1,4 @@
-"""The adapter pool: one layer's tasks stored in one stacked tensor pair, each task's parameters a view.
+"""A layer's task slots (:class:`LayerSlots`): one layer's tasks stored in one stacked tensor pair, each task's parameters a view.
 
 A mixed-task batch needs every task's ``A`` and ``B`` as one stack (``A [T, r, K]``,
 ``B [T, N, r]``) for the segmented kernels. Copying the adapters into a stack per call costs a
@@ -13,7 +13,7 @@ and each task's ``lora_A.weight`` / ``lora_B.weight`` is a view of its slot (``a
 write the pool itself, so the kernels read live weights and steady-state inference copies nothing.
 
 Whether a parameter still lives in its slot is checked per call by identity (same storage, same
-offset, same strides, dtype and device: :meth:`AdapterPool.holds`), never by a version counter or a
+offset, same strides, dtype and device: :meth:`LayerSlots.holds`), never by a version counter or a
 cache key. A parameter rebound away from its slot (``p.data = new``, ``vector_to_parameters``, an
 FSDP/DDP storage swap, ``.to()`` of one adapter) fails the check; the caller then re-adopts it
 (copies it back into the slot and points it there: inference only) or builds the stacks from the
@@ -37,10 +37,10 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["AdapterPool"]
+__all__ = ["LayerSlots"]
 
 
-class AdapterPool:
+class LayerSlots:
     """Slots of one layer's tasks. Shape: ``a [cap, r_cap, *a_tail]``, ``b [cap, N, r_cap]``.
 
     ``index[task] -> slot``; ``ranks [cap]`` int32 (0 for free slots) on the pool's device.
@@ -56,7 +56,7 @@ class AdapterPool:
 
     # --- building ------------------------------------------------------------------------------
     @classmethod
-    def build(cls, weights: Iterable[tuple[str, Tensor, Tensor]], spare: int = 0) -> "AdapterPool | None":
+    def build(cls, weights: Iterable[tuple[str, Tensor, Tensor]], spare: int = 0) -> "LayerSlots | None":
         """A fresh pool holding copies of ``(task, A [r, K], B [N, r])``, with ``spare`` free slots.
 
         Returns None when there is nothing to hold or the tasks' dtypes/devices/shapes differ
@@ -84,7 +84,7 @@ class AdapterPool:
         pool._freeze()
         return pool
 
-    def with_task(self, name: str, a: Tensor, b: Tensor) -> "AdapterPool | None":
+    def with_task(self, name: str, a: Tensor, b: Tensor) -> "LayerSlots | None":
         """A pool that also holds ``name`` (reusing this storage when a slot is free and the rank
         fits, else None: the caller rebuilds with :meth:`build`). Does not touch live slots."""
         r = a.shape[0]
@@ -100,30 +100,37 @@ class AdapterPool:
             self.b[free].zero_()
             self.a[free, :r].copy_(a)
             self.b[free, :, :r].copy_(b)
-        new = AdapterPool(self.a, self.b, {**self.index, name: free})
+        new = LayerSlots(self.a, self.b, {**self.index, name: free})
         new.ranks = [0] * self.a.shape[0]
         for n, s in new.index.items():
             new.ranks[s] = r if n == name else self.host_ranks[s]
-        new._freeze()
+        new._freeze(self._sig)
         return new
 
-    def without_task(self, name: str) -> "AdapterPool":
-        new = AdapterPool(self.a, self.b, {n: s for n, s in self.index.items() if n != name})
+    def without_task(self, name: str) -> "LayerSlots":
+        new = LayerSlots(self.a, self.b, {n: s for n, s in self.index.items() if n != name})
         new.ranks = [0] * self.a.shape[0]
         for n, s in new.index.items():
             new.ranks[s] = self.host_ranks[s]
-        new._freeze()
+        new._freeze(self._sig)
         return new
 
-    def _freeze(self) -> None:
+    def _freeze(self, known: dict | None = None) -> None:
+        """Publish: host and device ranks, and each task's view signature (``known``: the signatures
+        of a pool on the same storage, reused for the tasks it holds, so adding or removing one task
+        costs one signature, not one per slot: a serving pool swaps tasks on every miss)."""
         # Ranks on the host for the per-call checks (no device sync), and on the device for the kernels.
         self.host_ranks = tuple(self.ranks)
         self.ranks = torch.tensor(self.host_ranks, dtype=torch.int32, device=self.a.device)
         # Each slot view's address, shape and strides, for the per-call identity check (:meth:`holds`).
+        known = known or {}
         self._sig = {}
         for n in self.index:
-            va, vb = self.views(n)
-            self._sig[n] = (va.data_ptr(), va.shape, va.stride(), vb.data_ptr(), vb.shape, vb.stride())
+            sig = known.get(n)
+            if sig is None:
+                va, vb = self.views(n)
+                sig = (va.data_ptr(), va.shape, va.stride(), vb.data_ptr(), vb.shape, vb.stride())
+            self._sig[n] = sig
 
     @property
     def capacity(self) -> int:
