@@ -70,7 +70,7 @@ def test_forward_matches_reference(shape, dtype, in_tile, device):
     bias = (m + r) % 2 == 0  # half the shapes without bias
     x, w, b, a, bb = make(m, k, n, r, dtype, device, bias=bias)
     scale = -0.75 if in_tile else 1.5
-    y = tl_mod.lora_linear_forward(x, w, b, a, bb, scale, shrink_in_tile=in_tile)
+    y, _ = tl_mod.lora_linear_forward(x, w, b, a, bb, scale, shrink_in_tile=in_tile)
     assert y.dtype == dtype and y.shape == (m, n)
     assert_close(y, ref64(x, w, b, a, bb, scale), dtype, f"y {shape}")
 
@@ -82,7 +82,7 @@ def test_every_regime_config(regime, device):
     x, w, b, a, bb = make(19, 70, 37, 12, dtype, device)
     for in_tile in ([False] if regime in ("middle", "prefill") else [True, False]):
         out = poisoned((19, 37), dtype, device)
-        y = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.5, out=out, shrink_in_tile=in_tile, regime=regime)
+        y, _ = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.5, out=out, shrink_in_tile=in_tile, regime=regime)
         assert y.data_ptr() == out.data_ptr()
         assert_close(y, ref64(x, w, b, a, bb, 0.5), dtype, f"{regime} in_tile={in_tile}")
 
@@ -97,14 +97,21 @@ def test_poisoned_output_buffer(in_tile, device):
     assert_close(out, ref64(x, w, b, a, bb, 2.0), dtype, "out")
 
 
-def test_poisoned_dx_buffer(device):
+@pytest.mark.parametrize("path", ["in_tile", "shrink_kernel", "cublas_base"])
+@pytest.mark.parametrize("p", [0.0, 0.4], ids=["nodrop", "drop"])
+def test_poisoned_dx_buffer(path, p, device):
+    """dx = dy W + mask * s/(1-p) * (dy B) A and gs = s * dy B on every path, into a NaN-filled dx."""
     dtype = torch.float32
     x, w, _, a, bb = make(21, 35, 18, 5, dtype, device, bias=False)
     dy = torch.randn(21, 18, dtype=dtype, device=device)
     g = dy.double() @ bb.double()
+    mask = tl_mod.dropout_mask(x, p, 11).double() if p else torch.ones(21, 35, dtype=torch.float64)
     out = poisoned((21, 35), dtype, device)
-    tl_mod.lora_linear_dx(dy, w, g.float(), a, 0.7, 0.0, 0, out=out)
-    assert_close(out, dy.double() @ w.double() + 0.7 * g @ a.double(), dtype, "dx")
+    dx, gs = tl_mod.lora_linear_dx(dy, w, a, bb, 0.7, p, 11, out=out, shrink_in_tile=path == "in_tile",
+                                   cublas_base=path == "cublas_base")
+    assert dx.data_ptr() == out.data_ptr() and gs.dtype == dtype
+    assert_close(out, dy.double() @ w.double() + 0.7 / (1 - p) * mask * (g @ a.double()), dtype, f"dx {path}")
+    assert_close(gs, 0.7 * g, dtype, f"gs {path}")
 
 
 @pytest.mark.parametrize("scale", [0.0, -2.0])
@@ -138,7 +145,7 @@ def test_noncontiguous_inputs(device):
     for x in (xs, x3):
         assert not x.is_contiguous()
         for in_tile in (True, False):
-            y = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.9, shrink_in_tile=in_tile)
+            y, _ = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.9, shrink_in_tile=in_tile)
             assert_close(y, ref64(x, w, b, a, bb, 0.9), dtype, f"x stride {x.stride()} in_tile={in_tile}")
 
 
@@ -241,7 +248,7 @@ def test_dropout_forward_backward_same_mask(dtype, device):
     for t in (x, w, b, a, bb):
         t.requires_grad_(True)
     mask = tl_mod.dropout_mask(x.detach(), p, int(seed))
-    y = torch.ops.lora_kernels.lora_linear(x, w, b, a, bb, 1.3, p, seed)
+    y = torch.ops.lora_kernels.lora_linear(x, w, b, a, bb, 1.3, p, seed)[0]
     assert_close(y, ref64(x, w, b, a, bb, 1.3, mask, p), dtype, "y (dropout)")
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -257,7 +264,7 @@ def test_dropout_in_tile_and_split_k_paths(device):
     mask = tl_mod.dropout_mask(x, p, seed)
     ref = ref64(x, w, b, a, bb, 0.8, mask, p)
     for in_tile in (True, False):
-        y = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.8, p, seed, shrink_in_tile=in_tile)
+        y, _ = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.8, p, seed, shrink_in_tile=in_tile)
         assert_close(y, ref, torch.float32, f"dropout in_tile={in_tile}")
 
 
@@ -278,10 +285,11 @@ def test_opcheck(device):
     seed = torch.tensor([7], dtype=torch.int64)
     torch.library.opcheck(torch.ops.lora_kernels.lora_linear.default, (x, w, b, a, bb, 0.5, 0.0, None))
     torch.library.opcheck(torch.ops.lora_kernels.lora_linear.default, (x, w, None, a, bb, -1.0, 0.25, seed))
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear.default, (x, w, None, a, bb, -1.0, 0.25, seed, False))
     dy = torch.randn(6, 9, device=device)
-    g = torch.ops.lora_kernels.lora_shrink(dy, bb.detach().t(), 0.0, None)
     torch.library.opcheck(torch.ops.lora_kernels.lora_shrink.default, (x.detach(), a.detach(), 0.25, seed))
-    torch.library.opcheck(torch.ops.lora_kernels.lora_linear_dx.default, (dy, w.detach(), g, a.detach(), 0.5, 0.25, seed))
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear_dx.default,
+                          (dy, w.detach(), a.detach(), bb.detach(), 0.5, 0.25, seed))
     torch.library.opcheck(torch.ops.lora_kernels.lora_dropout.default, (x.detach(), 0.25, seed))
 
 

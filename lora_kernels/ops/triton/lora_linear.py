@@ -128,22 +128,26 @@ def _expand(acc, hs, bt, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _lora_fused_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, out_ptr, hs_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_hm, stride_om,
-    scale, drop_p, seed,
+    scale, h_scale, drop_p, seed,
     HAS_BIAS: tl.constexpr,
     SHRINK_IN_TILE: tl.constexpr,  # compute h = x_d @ A.T in the K loop (else read h from h_ptr)
     DROP_MODE: tl.constexpr,  # 0: none; 1: mask x for the in-tile shrink; 2: mask the LoRA term of out
+    STORE_H: tl.constexpr,  # column tile 0 writes hs = h_scale * h [M, R] (out's dtype, contiguous) for backward
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     BR: tl.constexpr,  # padded rank (in-tile) or rank chunk of the expand loop (precomputed h)
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """out[M, N] = x @ W.T + bias + scale * h @ B.T, h = x_d @ A.T (in-tile) or given (fp32).
 
-    Shape: x [M, K], W [N, K], A [R, K], B [N, R], h [M, R] fp32, out [M, N]; all by strides.
-    ``scale`` already includes 1/(1-p) when DROP_MODE == 1; with DROP_MODE == 2 the LoRA term is
-    masked elementwise by the philox mask of out's own [M, N] index space, times 1/(1-p) in scale.
+    Shape: x [M, K], W [N, K], A [R, K], B [N, R], h [M, R] fp32, out [M, N]; all by strides;
+    hs [M, R] contiguous in out's dtype (STORE_H). ``scale`` already includes 1/(1-p) when
+    DROP_MODE == 1; with DROP_MODE == 2 the LoRA term is masked elementwise by the philox mask of
+    out's own [M, N] index space, times 1/(1-p) in scale. Every column tile computes the same h
+    (same loop, same order: the same bits), so column tile 0 alone stores it: backward reads
+    these M x R values instead of recomputing the shrink (one pass over x saved).
 
     Offsets: each tile's base pointer is formed in int64 (``pid * BM * stride`` passes 2**31 at
     M = 64k, K = 32k); offsets inside a tile stay int32 (the launcher checks BM * stride < 2**31)
@@ -198,9 +202,18 @@ def _lora_fused_kernel(
         w_ptrs += BK * stride_wk
 
     b_ptrs = b_ptr + off_n * stride_bn + ln[None, :] * stride_bn  # [1, BN]
+    hs_ptrs = hs_ptr + off_m * R + lm[:, None] * R  # [BM, 1] rows of hs (contiguous [M, R])
+    hs_ok = lm < tl.where(pid_n == 0, M - off_m, 0)  # rows column tile 0 stores (the others store none)
     if SHRINK_IN_TILE:
+        if STORE_H:
+            tl.store(hs_ptrs + rr[None, :], (h * h_scale).to(hs_ptr.dtype.element_ty),
+                     mask=hs_ok[:, None] & r_ok[None, :])
         bt = tl.load(b_ptrs + rr[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _expand(acc, h * scale, bt, DOT_PREC, INTERPRET)
+        if DROP_MODE == 2:
+            lora = _expand(tl.zeros((BM, BN), dtype=tl.float32), h * scale, bt, DOT_PREC, INTERPRET)
+            acc += tl.where(_keep(seed, off_m + lm, off_n + ln, N, drop_p), lora, 0.0)
+        else:
+            acc = _expand(acc, h * scale, bt, DOT_PREC, INTERPRET)
     else:
         rc = tl.arange(0, BR)
         h_ptrs = h_ptr + off_m * stride_hm + (lm[:, None] * stride_hm + rc[None, :])
@@ -209,6 +222,9 @@ def _lora_fused_kernel(
         for r0 in range(0, R, BR):
             r_ok = rc < R - r0
             ht = tl.load(h_ptrs + r0, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            if STORE_H:
+                tl.store(hs_ptrs + (r0 + rc)[None, :], (ht * h_scale).to(hs_ptr.dtype.element_ty),
+                         mask=hs_ok[:, None] & r_ok[None, :])
             bt = tl.load(b_ptrs + (r0 + rc)[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
             if DROP_MODE == 2:
                 lora = _expand(lora, ht * scale, bt, DOT_PREC, INTERPRET)
@@ -271,6 +287,72 @@ def _shrink_kernel(
     h = h * h_scale
     h_ptrs = h_ptr + pid_k.to(tl.int64) * stride_hs + off_m * stride_hm + (lm[:, None] * stride_hm + rr[None, :])
     tl.store(h_ptrs, h, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _lora_term_kernel(
+    x_ptr, a_ptr, b_ptr, bias_ptr, out_ptr, hs_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_bn, stride_br, stride_om,
+    scale, h_scale, drop_p, seed, n_split,
+    HAS_BIAS: tl.constexpr, DROP_MODE: tl.constexpr, STORE_H: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """out[M, N] = bias + scale * h @ B.T with h = x_d @ A.T (fp32): the LoRA half of the
+    "cuBLAS base" path, whose base GEMM then adds x @ W.T into out (``addmm_``, beta = 1).
+
+    Shape: x [M, K], A [R, K], B [N, R] (by strides), bias [N], out [M, N] (row stride
+    ``stride_om``), hs [M, R] contiguous in out's dtype. Program ``pid`` owns row tile
+    ``pid // n_split``: it streams its x rows and A once over K into h (fp32 registers), stores
+    ``hs = h_scale * h`` when STORE_H (split 0 only), then writes the column tiles ``pid % n_split``,
+    ``+ n_split``, ... of out (``n_split`` is a runtime int: no recompile per value). The splits of one row tile are adjacent
+    programs, so their re-reads of the same x rows hit L2. DROP_MODE as in ``_lora_fused_kernel``
+    (1: mask x in the shrink, 2: mask the LoRA term by out's [M, N] philox index).
+    """
+    pid = tl.program_id(0)
+    pid_m = pid // n_split
+    pid_n = pid % n_split
+    off_m = pid_m.to(tl.int64) * BM
+    lm = tl.arange(0, BM)
+    rk = tl.arange(0, BK)
+    rr = tl.arange(0, BR)
+    ln = tl.arange(0, BN)
+    m_ok = lm < M - off_m
+    r_ok = rr < R
+    lm_in = tl.where(m_ok, lm, 0)  # edge rows re-read row 0: no row mask on loads
+    x_ptrs = x_ptr + off_m * stride_xm + (lm_in[:, None] * stride_xm + rk[None, :] * stride_xk)
+    a_ptrs = a_ptr + (rk[:, None] * stride_ak + rr[None, :] * stride_ar)  # [BK, BR]
+    h = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = rk < K - k0
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+        else:
+            xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        if DROP_MODE == 1:
+            xt = tl.where(_keep(seed, off_m + lm, k0 + rk, K, drop_p), xt, 0.0).to(at.dtype)
+        h = _mma(xt, at, h, DOT_PREC, INTERPRET)
+        x_ptrs += BK * stride_xk
+        a_ptrs += BK * stride_ak
+    if STORE_H:
+        hs_ptrs = hs_ptr + off_m * R + (lm[:, None] * R + rr[None, :])
+        hs_ok = lm < tl.where(pid_n == 0, M - off_m, 0)  # split 0 stores, the others none
+        tl.store(hs_ptrs, (h * h_scale).to(hs_ptr.dtype.element_ty), mask=hs_ok[:, None] & r_ok[None, :])
+    h = h * scale
+    out_rows = out_ptr + off_m * stride_om + lm[:, None] * stride_om
+    for n0 in range(pid_n * BN, N, n_split * BN):
+        cols = n0 + ln
+        n_ok = cols < N
+        bt = tl.load(b_ptr + (rr[:, None] * stride_br + cols[None, :] * stride_bn), mask=r_ok[:, None] & n_ok[None, :],
+                     other=0.0)
+        acc = _expand(tl.zeros((BM, BN), dtype=tl.float32), h, bt, DOT_PREC, INTERPRET)
+        if DROP_MODE == 2:
+            acc = tl.where(_keep(seed, off_m + lm, cols, N, drop_p), acc, 0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_rows + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -349,8 +431,26 @@ EXPAND_CHUNK = 32
 EXPAND_CHUNK_FP32 = 16
 IN_TILE_MAX_RANK = 64
 IN_TILE_MAX_RANK_FP32 = 16  # an fp32 [64, 64] h accumulator next to the FMA tile spilled 1.4 KB
+# The LoRA term of the cuBLAS-base path (``_lora_term_kernel``): a memory-bound kernel (it reads
+# x once and writes out once). 64 rows per program keep x and A streaming in 16 KiB stages at
+# large M; 16 rows at r > 64 (an fp32 h of [16, 256] is 32 registers/thread over 4 warps) and at
+# M <= 1024, where 64-row tiles would leave too few row tiles, and the column splits that fill
+# the GPU would re-read each row tile's x from L2 (x of 64 rows x 4096 = 512 KiB per split).
+TERM_CONFIGS = {
+    "rows64": Config(BM=64, BN=64, BK=64, num_warps=4, num_stages=3),
+    "rows16": Config(BM=16, BN=64, BK=64, num_warps=4, num_stages=3),
+    "fp32": Config(BM=16, BN=32, BK=64, num_warps=4, num_stages=2),
+}
+TERM_ROWS64_MIN_M = 1024
 DECODE_M = 128
-_NUM_SMS = 132  # H200; only used to size the shrink's split-K, any GPU gets a correct result
+# M > CUBLAS_BASE_M runs the base GEMM on cuBLAS (``addmm_`` into an out that
+# ``_lora_term_kernel`` has filled with bias + the LoRA term) instead of Triton's fused tile: the
+# launch plan (lora_kernels/plan/triton.py) predicts it faster for every compute-bound case of
+# the benchmark matrix on H100, H200 and A100 (a Triton main loop without TMA / persistence is
+# taken at 0.8x cuBLAS's tensor-core rate on Hopper; the LoRA term costs one more pass over x and
+# one write of out, ~4 % each at K = N = 4096); tests/test_plan.py checks the plan agrees.
+CUBLAS_BASE_M = DECODE_M
+_NUM_SMS = 132  # H200; only used to size split-K / column splits, any GPU gets a correct result
 
 
 def _pad_rank(r: int) -> int:
@@ -396,6 +496,22 @@ def _shrink_in_tile(m: int, r: int, dropout: bool, elem: int = 2) -> bool:
     return m <= DECODE_M and _pad_rank(r) <= max_rank and not dropout
 
 
+def _cublas_base(m: int) -> bool:
+    """Whether the base GEMM of an [m, K] x [K, N] call runs on cuBLAS (see CUBLAS_BASE_M)."""
+    return m > CUBLAS_BASE_M
+
+
+def _term_cfg(m: int, r: int, elem: int = 2) -> Config:
+    if elem > 2:
+        return TERM_CONFIGS["fp32"]
+    return TERM_CONFIGS["rows64" if m > TERM_ROWS64_MIN_M and _pad_rank(r) <= 64 else "rows16"]
+
+
+def _term_split(m: int, n: int, cfg: Config) -> int:
+    """Programs per row tile of ``_lora_term_kernel``: enough to give every SM one, at most one per column tile."""
+    return max(1, min(triton.cdiv(n, cfg.BN), triton.cdiv(_NUM_SMS, triton.cdiv(m, cfg.BM))))
+
+
 def _shrink_cfg(r: int, elem: int = 2) -> Config:
     if elem > 2:
         return SHRINK_CONFIGS["fp32"]
@@ -432,11 +548,12 @@ def _as_rows(x: Tensor) -> Tensor:
 
 def _launch_fused(x2: Tensor, w_nk: Tensor, bias: Tensor | None, a_rk: Tensor, b_nr: Tensor, h: Tensor | None,
                   out: Tensor, scale: float, drop_p: float, seed: int, drop_mode: int, in_tile: bool,
-                  regime: str | None = None) -> Tensor:
-    """out = x2 @ w_nk.T + bias + scale * h @ b_nr.T (h = x2_d @ a_rk.T when ``in_tile``).
+                  regime: str | None = None, hs: Tensor | None = None, h_scale: float = 1.0) -> Tensor:
+    """out = x2 @ w_nk.T + bias + scale * h @ b_nr.T (h = x2_d @ a_rk.T when ``in_tile``);
+    also ``hs = h_scale * h`` in out's dtype when ``hs`` is given (for backward).
 
     Shape: x2 [M, K], w_nk [N, K], a_rk [r, K], b_nr [N, r], h [M, r] fp32 or None, out [M, N]
-    (row-major, any row stride). Every operand goes by its strides.
+    (row-major, any row stride), hs [M, r] contiguous or None. Every operand goes by its strides.
     """
     m, k = x2.shape
     n, r = b_nr.shape
@@ -458,12 +575,12 @@ def _launch_fused(x2: Tensor, w_nk: Tensor, bias: Tensor | None, a_rk: Tensor, b
         h = out  # unused (SHRINK_IN_TILE); any pointer of the right kind
     grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)
     _lora_fused_kernel[grid](
-        x2, w_nk, bias if bias is not None else out, a_rk, b_nr, h, out,
+        x2, w_nk, bias if bias is not None else out, a_rk, b_nr, h, out, hs if hs is not None else out,
         m, n, k, r,
         x2.stride(0), x2.stride(1), w_nk.stride(0), w_nk.stride(1), a_rk.stride(0), a_rk.stride(1),
         b_nr.stride(0), b_nr.stride(1), h.stride(0), out.stride(0),
-        float(scale), float(drop_p), int(seed),
-        HAS_BIAS=bias is not None, SHRINK_IN_TILE=in_tile, DROP_MODE=drop_mode,
+        float(scale), float(h_scale), float(drop_p), int(seed),
+        HAS_BIAS=bias is not None, SHRINK_IN_TILE=in_tile, DROP_MODE=drop_mode, STORE_H=hs is not None,
         BM=cfg.BM, BN=cfg.BN, BK=bk, BR=br, GROUP_M=cfg.GROUP_M,
         EVEN_K=k % bk == 0, DOT_PREC=_dot_prec(x2.dtype), INTERPRET=_interpret(),
         num_warps=cfg.num_warps, num_stages=_stages(cfg, elem),
@@ -496,6 +613,36 @@ def _launch_shrink(x2: Tensor, a_rk: Tensor, h_scale: float, drop_p: float, seed
     return h[0] if split == 1 else h.sum(0)
 
 
+def _launch_term(x2: Tensor, a_rk: Tensor, b_nr: Tensor, bias: Tensor | None, out: Tensor, hs: Tensor | None,
+                 scale: float, h_scale: float, drop_p: float, seed: int, drop_mode: int) -> Tensor:
+    """out = bias + scale * h @ b_nr.T, h = x2_d @ a_rk.T (fp32, never in HBM); hs = h_scale * h.
+
+    Shape: x2 [M, K], a_rk [r, K], b_nr [N, r] (any strides), out [M, N] (unit column stride),
+    hs [M, r] contiguous or None. The caller then adds the base GEMM into out (``addmm_``).
+    """
+    m, k = x2.shape
+    n, r = b_nr.shape
+    if m == 0 or n == 0:
+        return out
+    elem = x2.element_size()
+    cfg = _term_cfg(m, r, elem)
+    bk = _bk(cfg, elem, _aligned(x2.stride(0), a_rk.stride(0), a_rk.stride(1)))
+    for name, st, rows in (("x", x2.stride(0), cfg.BM), ("x", x2.stride(1), bk), ("out", out.stride(0), cfg.BM)):
+        if abs(st) * rows >= 2**31:
+            raise ValueError(f"lora_linear: {name} stride {st} too large for int32 in-tile offsets; make it contiguous")
+    split = _term_split(m, n, cfg)
+    _lora_term_kernel[(triton.cdiv(m, cfg.BM) * split,)](
+        x2, a_rk, b_nr, bias if bias is not None else out, out, hs if hs is not None else out,
+        m, n, k, r,
+        x2.stride(0), x2.stride(1), a_rk.stride(0), a_rk.stride(1), b_nr.stride(0), b_nr.stride(1), out.stride(0),
+        float(scale), float(h_scale), float(drop_p), int(seed), split,
+        HAS_BIAS=bias is not None, DROP_MODE=drop_mode, STORE_H=hs is not None,
+        BM=cfg.BM, BN=cfg.BN, BK=bk, BR=_pad_rank(r), EVEN_K=k % bk == 0, DOT_PREC=_dot_prec(x2.dtype),
+        INTERPRET=_interpret(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
 def _launch_dropout(x2: Tensor, drop_p: float, seed: int, write_mask: bool) -> Tensor:
     m, k = x2.shape
     out = torch.empty((m, k), dtype=torch.int8 if write_mask else x2.dtype, device=x2.device)
@@ -509,12 +656,18 @@ def _launch_dropout(x2: Tensor, drop_p: float, seed: int, write_mask: bool) -> T
 
 def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
                         scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0, *, out: Tensor | None = None,
-                        shrink_in_tile: bool | None = None, regime: str | None = None, check: bool = True) -> Tensor:
+                        shrink_in_tile: bool | None = None, regime: str | None = None, cublas_base: bool | None = None,
+                        save_h: bool = False, check: bool = True) -> tuple[Tensor, Tensor | None]:
     """The forward launcher: checks, allocates (or writes into ``out`` [M, N]) and launches.
 
-    Shape: x [..., K] -> y [..., N]. ``shrink_in_tile`` / ``regime`` override the heuristic
-    (tests use them to cover every path on small shapes). ``check=False``: the caller has run
-    ``check_lora_linear`` already (the public entry does; one check per call, not two).
+    Shape: x [..., K] -> (y [..., N], hs [M, r] or None). ``hs = scale * dropout(x) @ A.T`` in x's
+    dtype is written when ``save_h`` (backward's dB = dy.T @ hs reads it: no shrink recomputed).
+    Two paths (see CUBLAS_BASE_M): M <= 128, one fused Triton kernel (the shrink inside every
+    output tile when r <= 64 and no dropout, else a tiny preceding shrink kernel); M > 128,
+    ``_lora_term_kernel`` writes bias + the LoRA term into y and cuBLAS adds x @ W.T (beta = 1).
+    ``shrink_in_tile`` / ``regime`` / ``cublas_base`` override the heuristic (tests use them to
+    cover every path on small shapes). ``check=False``: the caller has run ``check_lora_linear``
+    already (the public entry does; one check per call, not two).
     """
     if check:
         check_lora_linear(x, weight, bias, lora_a, lora_b, dropout_p)
@@ -525,33 +678,55 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: 
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != x.dtype:
         raise ValueError(f"out must be [{m}, {n}] {x.dtype} with unit column stride, got {tuple(out.shape)} {out.dtype}")
+    hs = torch.empty((m, r), dtype=x.dtype, device=x.device) if save_h else None
     bias = bias.contiguous() if bias is not None else None  # N elements: a copy only when strided
     dropout = dropout_p > 0
-    in_tile = _shrink_in_tile(m, r, dropout, x.element_size()) if shrink_in_tile is None else shrink_in_tile
     inv = 1.0 / (1.0 - dropout_p)
+    if _cublas_base(m) if cublas_base is None else cublas_base:
+        _launch_term(x2, lora_a, lora_b, bias, out, hs, scale * inv, scale * inv, dropout_p, seed, 1 if dropout else 0)
+        if m and n and k:
+            out.addmm_(x2, weight.t())  # cuBLAS: out = x @ W.T + out (the LoRA term and bias)
+        return out.view(*x.shape[:-1], n), hs
+    in_tile = _shrink_in_tile(m, r, dropout, x.element_size()) if shrink_in_tile is None else shrink_in_tile
     if in_tile:
         _launch_fused(x2, weight, bias, lora_a, lora_b, None, out, scale * inv, dropout_p, seed,
-                      1 if dropout else 0, True, regime)
+                      1 if dropout else 0, True, regime, hs, scale * inv)
     else:
         h = _launch_shrink(x2, lora_a, inv, dropout_p, seed)
-        _launch_fused(x2, weight, bias, lora_a, lora_b, h, out, scale, 0.0, 0, 0, False, regime)
-    return out.view(*x.shape[:-1], n)
+        _launch_fused(x2, weight, bias, lora_a, lora_b, h, out, scale, 0.0, 0, 0, False, regime, hs, scale)
+    return out.view(*x.shape[:-1], n), hs
 
 
-def lora_linear_dx(dy: Tensor, weight: Tensor, g: Tensor, lora_a: Tensor, scale: float, dropout_p: float, seed: int,
-                   *, out: Tensor | None = None, regime: str | None = None) -> Tensor:
-    """dx [M, K] = dy @ W + mask * (scale/(1-p)) * g @ A, in one fused pass.
+def lora_linear_dx(dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, dropout_p: float, seed: int,
+                   *, out: Tensor | None = None, shrink_in_tile: bool | None = None, regime: str | None = None,
+                   cublas_base: bool | None = None) -> tuple[Tensor, Tensor]:
+    """(dx [M, K], gs [M, r]): dx = dy @ W + mask * (scale/(1-p)) * g @ A with g = dy @ B (fp32),
+    and ``gs = scale * g`` in dy's dtype (dA = gs.T @ dropout(x) reads it).
 
-    Shape: dy [M, N], weight [N, K], g = dy @ B [M, r] fp32, lora_a [r, K]. The same kernel as the
-    forward on transposed views: W.T [K, N] is the "weight", B's role is played by A.T [K, r].
+    Shape: dy [M, N], weight [N, K], lora_a [r, K], lora_b [N, r]. The forward's paths on
+    transposed operands (W.T [K, N] is the "weight", B.T [r, N] plays A, A.T [K, r] plays B):
+    M <= 128, one fused kernel with g computed inside every output tile (r <= 64; else g by the
+    shrink kernel first) and the dropout mask applied to the LoRA term in the epilogue; M > 128,
+    ``_lora_term_kernel`` writes the LoRA term and cuBLAS adds dy @ W.
     """
     m, n = dy.shape
     k = weight.shape[1]
+    r = lora_a.shape[0]
     if out is None:
         out = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
+    gs = torch.empty((m, r), dtype=dy.dtype, device=dy.device)
     inv = 1.0 / (1.0 - dropout_p)
-    return _launch_fused(dy, weight.t(), None, lora_a, lora_a.t(), g, out, scale * inv, dropout_p, seed,
-                         2 if dropout_p > 0 else 0, False, regime)
+    drop_mode = 2 if dropout_p > 0 else 0
+    if _cublas_base(m) if cublas_base is None else cublas_base:
+        _launch_term(dy, lora_b.t(), lora_a.t(), None, out, gs, scale * inv, scale, dropout_p, seed, drop_mode)
+        if m and n and k:
+            out.addmm_(dy, weight)  # cuBLAS: dx = dy @ W + the LoRA term
+        return out, gs
+    in_tile = _shrink_in_tile(m, r, False, dy.element_size()) if shrink_in_tile is None else shrink_in_tile
+    g = None if in_tile else _launch_shrink(dy, lora_b.t(), 1.0, 0.0, 0)
+    _launch_fused(dy, weight.t(), None, lora_b.t(), lora_a.t(), g, out, scale * inv, dropout_p, seed, drop_mode, in_tile,
+                  regime, gs, scale)
+    return out, gs
 
 
 def dropout_mask(x: Tensor, dropout_p: float, seed: int | Tensor) -> Tensor:
@@ -581,16 +756,20 @@ def _seed_int(seed: Optional[Tensor]) -> int:
 
 @torch.library.custom_op("lora_kernels::lora_linear", mutates_args=())
 def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: float,
-                    dropout_p: float, seed: Optional[Tensor]) -> Tensor:
-    """y [..., N] = x @ W.T + b + scale * (dropout(x) @ A.T) @ B.T (fused Triton forward).
+                    dropout_p: float, seed: Optional[Tensor], save_h: bool = True) -> tuple[Tensor, Tensor]:
+    """(y [..., N], hs [M, r]): y = x @ W.T + b + scale * (dropout(x) @ A.T) @ B.T (fused Triton
+    forward) and hs = scale * dropout(x) @ A.T in x's dtype for backward ([0, r] unless ``save_h``).
 
     Internal: reached through :func:`lora_linear`, which has checked the arguments."""
-    return lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, _seed_int(seed), check=False)
+    y, hs = lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, _seed_int(seed), save_h=save_h,
+                                check=False)
+    return y, hs if hs is not None else x.new_empty((0, lora_a.shape[0]))
 
 
 @_lora_linear_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, save_h=True):
+    rows = x.shape[:-1].numel() if save_h else 0
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((rows, lora_a.shape[0]))
 
 
 @torch.library.custom_op("lora_kernels::lora_shrink", mutates_args=())
@@ -605,15 +784,16 @@ def _(x, lora_a, dropout_p, seed):
 
 
 @torch.library.custom_op("lora_kernels::lora_linear_dx", mutates_args=())
-def _lora_linear_dx_op(dy: Tensor, weight: Tensor, g: Tensor, lora_a: Tensor, scale: float, dropout_p: float,
-                       seed: Optional[Tensor]) -> Tensor:
-    """dx [M, K] = dy @ W + dropout_mask * scale/(1-p) * g @ A (fused Triton pass). dy [M, N], g [M, r] fp32."""
-    return lora_linear_dx(dy, weight, g, lora_a, scale, dropout_p, _seed_int(seed))
+def _lora_linear_dx_op(dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, dropout_p: float,
+                       seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(dx [M, K], gs [M, r]): dx = dy @ W + dropout_mask * scale/(1-p) * (dy @ B) @ A, gs = scale * dy @ B
+    (dy's dtype). dy [M, N]; one fused Triton pass (M <= 128) or the LoRA-term kernel + cuBLAS."""
+    return lora_linear_dx(dy, weight, lora_a, lora_b, scale, dropout_p, _seed_int(seed))
 
 
 @_lora_linear_dx_op.register_fake
-def _(dy, weight, g, lora_a, scale, dropout_p, seed):
-    return dy.new_empty((dy.shape[0], weight.shape[1]))
+def _(dy, weight, lora_a, lora_b, scale, dropout_p, seed):
+    return dy.new_empty((dy.shape[0], weight.shape[1])), dy.new_empty((dy.shape[0], lora_a.shape[0]))
 
 
 @torch.library.custom_op("lora_kernels::lora_dropout", mutates_args=())
@@ -633,37 +813,41 @@ def _(x, dropout_p, seed):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed = inputs
+    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, save_h = inputs
     ctx.scale, ctx.dropout_p = scale, dropout_p
     ctx.has_bias = bias is not None
-    # Saved: the inputs only (x, W, A, B, seed). h = x_d @ A.T is recomputed in backward (one more
-    # read of x) rather than saved, and the dropout mask is regenerated from the seed.
-    ctx.save_for_backward(x, weight, lora_a, lora_b, seed)
+    # Saved: the inputs (x, W, A, B, seed) and hs = s * x_d @ A.T [M, r] from the forward (tiny:
+    # r values per row), so dB needs no second shrink over x; the dropout mask is regenerated from the seed.
+    ctx.save_for_backward(x, weight, lora_a, lora_b, seed, output[1])
 
 
-def _backward(ctx, dy):
-    x, weight, lora_a, lora_b, seed = ctx.saved_tensors
+def _backward(ctx, dy, dhs):
+    """Passes over the big operands (frozen base): dx reads dy and W once (fused, or the LoRA-term
+    kernel + cuBLAS: dy twice), dA = gs.T @ x_d reads x once, dB = dy.T @ hs reads dy once."""
+    x, weight, lora_a, lora_b, seed, hs = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
     s, p = ctx.scale, ctx.dropout_p
     n, k = weight.shape
     dy2 = dy.reshape(-1, n)
     x2 = x.reshape(-1, k)
-    dx = dw = db = da = dlb = None
-    if need_x or need_a:
-        g = torch.ops.lora_kernels.lora_shrink(dy2, lora_b.t(), 0.0, None)  # dy @ B, fp32 [M, r]
-        if need_x:
-            dx = torch.ops.lora_kernels.lora_linear_dx(dy2, weight, g, lora_a, s, p, seed).view(x.shape)
-        if need_a:
-            xd = torch.ops.lora_kernels.lora_dropout(x2, p, seed) if p > 0 else x2
-            da = (g * s).to(x.dtype).t() @ xd  # [r, K]; cuBLAS GEMM over the M tokens
+    dx = dw = db = da = dlb = gs = None
+    if need_x:
+        dx, gs = torch.ops.lora_kernels.lora_linear_dx(dy2, weight, lora_a, lora_b, s, p, seed)
+        dx = dx.view(x.shape)
+    elif need_a:  # no dx wanted: only g = dy @ B
+        gs = (torch.ops.lora_kernels.lora_shrink(dy2, lora_b.t(), 0.0, None) * s).to(x.dtype)
+    if need_a:
+        xd = torch.ops.lora_kernels.lora_dropout(x2, p, seed) if p > 0 else x2
+        da = gs.t() @ xd  # [r, K]; cuBLAS GEMM over the M tokens
     if need_lb:
-        h = torch.ops.lora_kernels.lora_shrink(x2, lora_a, p, seed)  # dropout(x) @ A.T, fp32 [M, r]
-        dlb = dy2.t() @ (h * s).to(x.dtype)  # [N, r]
+        if hs.shape[0] != x2.shape[0]:  # the forward ran without save_h (a direct op call)
+            hs = (torch.ops.lora_kernels.lora_shrink(x2, lora_a, p, seed) * s).to(x.dtype)
+        dlb = dy2.t() @ hs  # [N, r]
     if need_w:
         dw = dy2.t() @ x2  # [N, K]
     if need_b and ctx.has_bias:
         db = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
-    return dx, dw, db, da, dlb, None, None, None
+    return dx, dw, db, da, dlb, None, None, None, None
 
 
 torch.library.register_autograd("lora_kernels::lora_linear", _backward, setup_context=_setup_context)
@@ -691,7 +875,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
         return reference._lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p)
     dropout_p = float(dropout_p)
     seed = new_seed() if dropout_p > 0 else None
-    return torch.ops.lora_kernels.lora_linear(x, weight, bias, lora_a, lora_b, float(scale), dropout_p, seed)
+    save_h = torch.is_grad_enabled() and lora_b.requires_grad  # hs feeds dB only
+    return torch.ops.lora_kernels.lora_linear(x, weight, bias, lora_a, lora_b, float(scale), dropout_p, seed, save_h)[0]
 
 
 # =============================================================================================
