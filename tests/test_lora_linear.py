@@ -62,17 +62,27 @@ def ref64_grads(x, w, b, a, bb, scale, dy, mask=None, p=0.0):
 FWD_SHAPES = [(1, 17, 17, 1), (17, 33, 1, 3), (17, 1, 19, 16), (5, 2049, 17, 8), (17, 40, 24, 256), (33, 20, 65, 5)]
 
 
+# The three forward paths, forced on small shapes: one fused kernel with the shrink in every output
+# tile, the shrink kernel first then the fused kernel, and the LoRA-term kernel + cuBLAS base (M > 128).
+PATHS = {"shrink_in_tile": dict(shrink_in_tile=True, cublas_base=False),
+         "shrink_kernel": dict(shrink_in_tile=False, cublas_base=False),
+         "cublas_base": dict(cublas_base=True)}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", FWD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("in_tile", [True, False], ids=["shrink_in_tile", "shrink_kernel"])
-def test_forward_matches_reference(shape, dtype, in_tile, device):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_forward_matches_reference(shape, dtype, path, device):
     m, k, n, r = shape
     bias = (m + r) % 2 == 0  # half the shapes without bias
     x, w, b, a, bb = make(m, k, n, r, dtype, device, bias=bias)
-    scale = -0.75 if in_tile else 1.5
-    y, _ = tl_mod.lora_linear_forward(x, w, b, a, bb, scale, shrink_in_tile=in_tile)
+    scale = -0.75 if path == "shrink_in_tile" else 1.5
+    y, hs = tl_mod.lora_linear_forward(x, w, b, a, bb, scale, save_h=True, **PATHS[path])
     assert y.dtype == dtype and y.shape == (m, n)
     assert_close(y, ref64(x, w, b, a, bb, scale), dtype, f"y {shape}")
+    # hs = scale * x @ A.T (what backward's dB reads instead of recomputing the shrink)
+    assert hs.dtype == dtype and hs.shape == (m, r)
+    assert_close(hs, scale * x.double() @ a.double().t(), dtype, f"hs {shape}")
 
 
 @pytest.mark.parametrize("regime", ["decode_s", "decode_l", "middle", "prefill"])
@@ -87,13 +97,14 @@ def test_every_regime_config(regime, device):
         assert_close(y, ref64(x, w, b, a, bb, 0.5), dtype, f"{regime} in_tile={in_tile}")
 
 
-@pytest.mark.parametrize("in_tile", [True, False], ids=["shrink_in_tile", "shrink_kernel"])
-def test_poisoned_output_buffer(in_tile, device):
-    """The launcher writes every element of a NaN-filled out (edge tiles included)."""
+@pytest.mark.parametrize("path", list(PATHS))
+def test_poisoned_output_buffer(path, device):
+    """The launcher writes every element of a NaN-filled out (edge tiles included); on the cuBLAS
+    path the LoRA-term kernel must write all of it before cuBLAS reads it back (beta = 1)."""
     dtype = torch.float16
     x, w, b, a, bb = make(23, 45, 67, 7, dtype, device)
     out = poisoned((23, 67), dtype, device)
-    tl_mod.lora_linear_forward(x, w, b, a, bb, 2.0, out=out, shrink_in_tile=in_tile)
+    tl_mod.lora_linear_forward(x, w, b, a, bb, 2.0, out=out, **PATHS[path])
     assert_close(out, ref64(x, w, b, a, bb, 2.0), dtype, "out")
 
 
@@ -144,9 +155,9 @@ def test_noncontiguous_inputs(device):
     b = torch.randn(2 * n, dtype=dtype, device=device)[::2]  # strided bias
     for x in (xs, x3):
         assert not x.is_contiguous()
-        for in_tile in (True, False):
-            y, _ = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.9, shrink_in_tile=in_tile)
-            assert_close(y, ref64(x, w, b, a, bb, 0.9), dtype, f"x stride {x.stride()} in_tile={in_tile}")
+        for path, kw in PATHS.items():
+            y, _ = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.9, **kw)
+            assert_close(y, ref64(x, w, b, a, bb, 0.9), dtype, f"x stride {x.stride()} {path}")
 
 
 def test_dispatch_routes_backend_triton_here(device):
@@ -179,7 +190,8 @@ GRAD_CASES = [
     (17, 33, 1, 3, torch.float16, False),
     (17, 24, 40, 256, torch.bfloat16, True),
     (33, 2049, 17, 8, torch.float32, False),
-    (130, 20, 18, 16, torch.bfloat16, True),  # M > 128: the prefill regime
+    (130, 20, 18, 16, torch.bfloat16, True),  # M > 128: LoRA-term kernel + cuBLAS base, forward and dx
+    (5, 33, 70, 100, torch.float16, True),  # r > 64: shrink kernels first (h, g), fused kernels store hs / gs
 ]
 
 
@@ -198,6 +210,28 @@ def test_gradients_match_reference(case, device):
             assert t.grad is not None, name
             assert_close(t.grad, ref, dtype, name)
     assert len(leaves) == 4 + bias
+
+
+@pytest.mark.parametrize("m", [9, 131], ids=["fused", "cublas_base"])
+def test_backward_reuses_forward_h(m, monkeypatch, device):
+    """Backward launches no shrink over x (hs is saved by the forward) and no separate dy @ B
+    (g comes out of the dx pass): one Triton launch for dx, then dA and dB as two GEMMs. The
+    previous backward ran the shrink twice (g = dy B, h = x A^T recomputed) around the dx kernel."""
+    x, w, b, a, bb = make(m, 40, 23, 6, torch.bfloat16, device)
+    for t in (x, a, bb):
+        t.requires_grad_(True)
+    y = tl_mod.lora_linear(x, w, b, a, bb, 0.5)
+    launches = []
+    for name in ("_launch_shrink", "_launch_fused", "_launch_term", "_launch_dropout"):
+        fn = getattr(tl_mod, name, None)
+        if fn is not None:
+            monkeypatch.setattr(tl_mod, name, lambda *args, _fn=fn, _name=name, **kw: launches.append(_name) or _fn(*args, **kw))
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert launches == ["_launch_fused" if m <= tl_mod.DECODE_M else "_launch_term"], launches
+    refs = ref64_grads(x, w, b, a, bb, 0.5, dy)
+    for name, t, ref in (("dx", x, refs[0]), ("dA", a, refs[3]), ("dB", bb, refs[4])):
+        assert_close(t.grad, ref, torch.bfloat16, name)
 
 
 def test_only_requested_gradients(device):
@@ -240,11 +274,12 @@ def test_dropout_mask_is_philox_and_fair(device):
     assert torch.equal(tl_mod.dropout_mask(x.view(2, 32, 257), 0.25, 123).view(64, 257), m1)
 
 
+@pytest.mark.parametrize("m", [29, 131], ids=["fused", "cublas_base"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_dropout_forward_backward_same_mask(dtype, device):
+def test_dropout_forward_backward_same_mask(dtype, m, device):
     """The op with a given seed == the reference on x * mask / (1 - p), forward and every grad."""
     p, seed = 0.3, torch.tensor([987654], dtype=torch.int64)
-    x, w, b, a, bb = make(29, 40, 23, 6, dtype, device)
+    x, w, b, a, bb = make(m, 40, 23, 6, dtype, device)
     for t in (x, w, b, a, bb):
         t.requires_grad_(True)
     mask = tl_mod.dropout_mask(x.detach(), p, int(seed))

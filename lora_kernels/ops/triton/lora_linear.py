@@ -431,6 +431,9 @@ EXPAND_CHUNK = 32
 EXPAND_CHUNK_FP32 = 16
 IN_TILE_MAX_RANK = 64
 IN_TILE_MAX_RANK_FP32 = 16  # an fp32 [64, 64] h accumulator next to the FMA tile spilled 1.4 KB
+# dx with dropout keeps a second [BM, BN] fp32 accumulator (the masked LoRA term): with an in-tile
+# g of rank 64 the decode_l tile spilled 168 B on sm_80, so dropout's dx computes g in-tile to r = 16.
+IN_TILE_MAX_RANK_DX_DROP = 16
 # The LoRA term of the cuBLAS-base path (``_lora_term_kernel``): a memory-bound kernel (it reads
 # x once and writes out once). 64 rows per program keep x and A streaming in 16 KiB stages at
 # large M; 16 rows at r > 64 (an fp32 h of [16, 256] is 32 registers/thread over 4 warps) and at
@@ -439,7 +442,9 @@ IN_TILE_MAX_RANK_FP32 = 16  # an fp32 [64, 64] h accumulator next to the FMA til
 TERM_CONFIGS = {
     "rows64": Config(BM=64, BN=64, BK=64, num_warps=4, num_stages=3),
     "rows16": Config(BM=16, BN=64, BK=64, num_warps=4, num_stages=3),
-    "fp32": Config(BM=16, BN=32, BK=64, num_warps=4, num_stages=2),
+    # fp32 ("ieee" FMA dots, operands in registers): at r = 256 with dropout, 16 x 32 tiles spilled
+    # 8-24 B in ptxas -v (4 warps on sm_80, 8 warps on sm_90); 16 x 16 over 8 warps fits.
+    "fp32": Config(BM=16, BN=16, BK=64, num_warps=8, num_stages=2),
 }
 TERM_ROWS64_MIN_M = 1024
 DECODE_M = 128
@@ -494,6 +499,11 @@ def _fused_regime(m: int, elem: int = 2) -> str:
 def _shrink_in_tile(m: int, r: int, dropout: bool, elem: int = 2) -> bool:
     max_rank = IN_TILE_MAX_RANK if elem <= 2 else IN_TILE_MAX_RANK_FP32
     return m <= DECODE_M and _pad_rank(r) <= max_rank and not dropout
+
+
+def _dx_in_tile(m: int, r: int, dropout: bool, elem: int = 2) -> bool:
+    """Whether dx computes g = dy @ B inside every output tile (else the shrink kernel runs first)."""
+    return _shrink_in_tile(m, r, False, elem) and (not dropout or _pad_rank(r) <= IN_TILE_MAX_RANK_DX_DROP)
 
 
 def _cublas_base(m: int) -> bool:
@@ -722,7 +732,7 @@ def lora_linear_dx(dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s
         if m and n and k:
             out.addmm_(dy, weight)  # cuBLAS: dx = dy @ W + the LoRA term
         return out, gs
-    in_tile = _shrink_in_tile(m, r, False, dy.element_size()) if shrink_in_tile is None else shrink_in_tile
+    in_tile = _dx_in_tile(m, r, dropout_p > 0, dy.element_size()) if shrink_in_tile is None else shrink_in_tile
     g = None if in_tile else _launch_shrink(dy, lora_b.t(), 1.0, 0.0, 0)
     _launch_fused(dy, weight.t(), None, lora_b.t(), lora_a.t(), g, out, scale * inv, dropout_p, seed, drop_mode, in_tile,
                   regime, gs, scale)
@@ -888,9 +898,12 @@ _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 def aot_specs(dtypes=(torch.bfloat16, torch.float32)) -> Iterator[tuple[str, object, dict, dict, int, int]]:
     """Yield ``(name, kernel, signature, constexprs, num_warps, num_stages)`` for every config the
-    heuristic can pick: the forward (in-tile shrink or precomputed h) per regime, the backward dx
-    (transposed operands, epilogue dropout), the shrink per rank band (forward x @ A.T with and
-    without dropout, backward dy @ B, split-K). The signatures are what the JIT sees for
+    heuristic can pick: the fused forward (in-tile shrink or precomputed h, with and without the
+    ``-save`` of hs for backward) and dx (in-tile g or precomputed, epilogue dropout) per decode
+    regime; the middle / prefill fused tiles (the alternative the launch plan compares the cuBLAS
+    base against; reachable with ``cublas_base=False``); the LoRA-term kernel of the cuBLAS-base
+    path per row band and rank (forward, dropout, dx); the shrink per rank band (forward x @ A.T
+    with and without dropout, backward dy @ B, split-K). The signatures are what the JIT sees for
     contiguous torch tensors with M, K, N, r multiples of 16: unit strides become constexpr 1, the
     other strides and the sizes carry the divisible-by-16 hint (``"i32:16"``); ``*-m1`` entries and
     the split-K shrink (run at small M) take M = 1 as the constant the JIT makes of it; ``*-odd``
@@ -901,31 +914,35 @@ def aot_specs(dtypes=(torch.bfloat16, torch.float32)) -> Iterator[tuple[str, obj
         prec = _dot_prec(dtype)
         chunk = _expand_chunk(elem)
         ptrs = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "a_ptr": f"*{t}", "b_ptr": f"*{t}",
-                "h_ptr": "*fp32", "out_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32", "R": "i32"}
+                "h_ptr": "*fp32", "out_ptr": f"*{t}", "hs_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32", "R": "i32"}
         strides = ("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ar", "stride_ak",
                    "stride_bn", "stride_br", "stride_hm", "stride_om")
-        # (name, unit strides, strides divisible by 16): forward [x, W, A, B row-major], dx [dy, W.T, A.T]
+        # (name, unit strides, strides divisible by 16): forward [x, W, A, B row-major],
+        # dx [dy, W.T, B.T (as A: [r, N], stride r), A.T (as B: [K, r], stride K)]
         layouts = {"fwd": (("stride_xk", "stride_wk", "stride_ak", "stride_br"), ("stride_xm", "stride_wn", "stride_ar", "stride_om")),
-                   "dx": (("stride_xk", "stride_wn", "stride_ak", "stride_bn"), ("stride_xm", "stride_wk", "stride_ar", "stride_br", "stride_om")),
+                   "dx": (("stride_xk", "stride_wn", "stride_ar", "stride_bn"), ("stride_xm", "stride_wk", "stride_ak", "stride_br", "stride_om")),
                    "fwd-odd": (("stride_xk", "stride_wk", "stride_ak", "stride_br"), ())}
         for regime, cfg in FUSED_CONFIGS.items():
             if elem > 2 and regime in ("middle", "prefill", "prefill_dx_drop"):
                 continue  # never picked for fp32 (see _fused_regime)
+            # (name, layout, in-tile shrink, DROP_MODE, BR, store hs)
             if regime == "prefill_dx_drop":
-                variants = [("dx_drop", "dx", False, 2, chunk)]
+                variants = [("h_drop", "dx", False, 2, chunk, True)]
+            elif regime in ("middle", "prefill"):
+                variants = [("h", "fwd", False, 0, chunk, False), ("h", "dx", False, 0, chunk, True)]
             else:
-                variants = [("h", "fwd", False, 0, chunk), ("h", "fwd-odd", False, 0, chunk),
-                            ("dx", "dx", False, 0, chunk)]
-            if regime == "middle":
-                variants.append(("dx_drop", "dx", False, 2, chunk))
-            if regime == "decode_s" or regime == "decode_l":
-                variants.append(("dx_drop", "dx", False, 2, chunk))
-                variants += [("intile_r16", "fwd", True, 0, 16), ("intile_r16", "fwd-odd", True, 0, 16)]
-                if elem <= 2:
-                    variants.append(("intile_r64", "fwd", True, 0, IN_TILE_MAX_RANK))
+                variants = [("h", "fwd", False, 0, chunk, False), ("h-save", "fwd", False, 0, chunk, True),
+                            ("h", "fwd-odd", False, 0, chunk, False),
+                            ("h", "dx", False, 0, chunk, True), ("h_drop", "dx", False, 2, chunk, True)]
+                for br in (16, IN_TILE_MAX_RANK) if elem <= 2 else (16,):
+                    variants += [(f"intile_r{br}", "fwd", True, 0, br, False), (f"intile_r{br}-save", "fwd", True, 0, br, True),
+                                 (f"intile_r{br}", "dx", True, 0, br, True)]
+                    if br <= IN_TILE_MAX_RANK_DX_DROP:
+                        variants.append((f"intile_r{br}_drop", "dx", True, 2, br, True))
+                variants.append(("intile_r16", "fwd-odd", True, 0, 16, False))
             if regime == "decode_s":  # M = 1 (one token): the JIT makes M a constant 1
-                variants += [(v + "-m1", lay, it, dm, b) for v, lay, it, dm, b in variants if lay == "fwd"]
-            for vname, layout, in_tile, drop_mode, br in variants:
+                variants += [(v + "-m1", lay, *rest) for v, lay, *rest in variants if lay == "fwd"]
+            for vname, layout, in_tile, drop_mode, br, store_h in variants:
                 units, div16 = layouts[layout]
                 aligned = layout != "fwd-odd"
                 sig = dict(ptrs)
@@ -935,17 +952,45 @@ def aot_specs(dtypes=(torch.bfloat16, torch.float32)) -> Iterator[tuple[str, obj
                             "N": "i32:16" if aligned else "i32", "K": "i32:16" if aligned else "i32",
                             "R": "i32:16" if aligned else "i32"})
                 sig.update({st: "constexpr" if st in units else "i32:16" if st in div16 else "i32" for st in strides})
-                sig.update({"scale": "fp32", "drop_p": "fp32", "seed": "i32"})
+                sig.update({"scale": "fp32", "h_scale": "fp32", "drop_p": "fp32", "seed": "i32"})
                 consts = {st: 1 for st in units}
                 if vname.endswith("-m1"):
                     consts["M"] = 1
-                consts.update({"HAS_BIAS": layout != "dx", "SHRINK_IN_TILE": in_tile, "DROP_MODE": drop_mode, "BM": cfg.BM,
+                consts.update({"HAS_BIAS": layout != "dx", "SHRINK_IN_TILE": in_tile, "DROP_MODE": drop_mode,
+                               "STORE_H": store_h, "BM": cfg.BM,
                                "BN": cfg.BN, "BK": _bk(cfg, elem, layout != "fwd-odd"), "BR": br, "GROUP_M": cfg.GROUP_M,
                                "EVEN_K": layout != "fwd-odd", "DOT_PREC": prec,
                                "INTERPRET": False})
                 sig.update({c: "constexpr" for c in consts})
                 yield (f"fused/{regime}/{vname}/{layout}/{t}", _lora_fused_kernel, sig, consts, cfg.num_warps,
                        _stages(cfg, elem))
+        # The LoRA-term kernel (cuBLAS-base path): forward [x, A, B row-major], dx [dy, B.T, A.T].
+        term_layouts = {"fwd": (("stride_xk", "stride_ak", "stride_br"), ("stride_xm", "stride_ar", "stride_bn", "stride_om")),
+                        "dx": (("stride_xk", "stride_ar", "stride_bn"), ("stride_xm", "stride_ak", "stride_br", "stride_om")),
+                        "fwd-odd": (("stride_xk", "stride_ak", "stride_br"), ())}
+        term_bands = (("rows64", (16, 64)), ("rows16", (16, 64, 128, 256))) if elem <= 2 else (("fp32", (16, 64, 128, 256)),)
+        for band, ranks in term_bands:
+            cfg = TERM_CONFIGS[band]
+            for br in ranks:
+                # (name, layout, DROP_MODE, store hs)
+                for vname, layout, drop_mode, store_h in (("plain", "fwd", 0, False), ("save", "fwd", 0, True),
+                                                          ("drop-save", "fwd", 1, True), ("plain", "fwd-odd", 0, False),
+                                                          ("gs", "dx", 0, True), ("drop-gs", "dx", 2, True)):
+                    units, div16 = term_layouts[layout]
+                    aligned = layout != "fwd-odd"
+                    hint = "i32:16" if aligned else "i32"
+                    sig = {"x_ptr": f"*{t}", "a_ptr": f"*{t}", "b_ptr": f"*{t}", "bias_ptr": f"*{t}", "out_ptr": f"*{t}",
+                           "hs_ptr": f"*{t}", "M": hint, "N": hint, "K": hint, "R": hint}
+                    sig.update({st: "constexpr" if st in units else "i32:16" if st in div16 else "i32"
+                                for st in ("stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_bn", "stride_br",
+                                           "stride_om")})
+                    sig.update({"scale": "fp32", "h_scale": "fp32", "drop_p": "fp32", "seed": "i32", "n_split": "i32"})
+                    consts = {st: 1 for st in units}
+                    consts.update({"HAS_BIAS": layout != "dx", "DROP_MODE": drop_mode, "STORE_H": store_h, "BM": cfg.BM,
+                                   "BN": cfg.BN, "BK": _bk(cfg, elem, aligned), "BR": br, "EVEN_K": aligned,
+                                   "DOT_PREC": prec, "INTERPRET": False})
+                    sig.update({c: "constexpr" for c in consts})
+                    yield f"term/{band}/r{br}/{vname}/{layout}/{t}", _lora_term_kernel, sig, consts, cfg.num_warps, cfg.num_stages
         bands = (("r_le_64", (16, 64)), ("r_gt_64", (128, 256))) if elem <= 2 else (("fp32", (16, 64, 128, 256)),)
         for band, ranks in bands:
             cfg = SHRINK_CONFIGS[band]
