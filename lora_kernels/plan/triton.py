@@ -241,8 +241,9 @@ def single_task(op: str, k: int, n: int, r: int, m: int, cublas_base: bool | Non
     from ..ops.triton import lora_linear as ll
 
     case = Case(op, k, n, r, m, target=1.05 if op == "fwd" else 1.10)
-    cublas = ll._cublas_base(m) if cublas_base is None else cublas_base
+    cublas = ll._cublas_base(m, n, r) if cublas_base is None else cublas_base
     case.cublas_base = cublas
+    cublas_dx = ll._cublas_base(m, k, r) if cublas_base is None else cublas_base
     save = op == "fwdbwd"
     if cublas:  # the LoRA-term kernel writes bias + s h B^T into y, cuBLAS adds x W^T (reads y as C)
         case.launches.append(_term_launch("LoRA term y = b + s h B^T", m, n, k, r, "save" if save else "plain", "fwd"))
@@ -257,7 +258,7 @@ def single_task(op: str, k: int, n: int, r: int, m: int, cublas_base: bool | Non
     case.min_bytes = ELEM * (m * k + n * k + m * n + r * k + n * r)
     base = [_cublas("base y = x W^T", m, n, k)]
     if op == "fwdbwd":  # frozen base: dx, dA, dB (the backward of _backward)
-        if cublas:
+        if cublas_dx:
             case.launches.append(_term_launch("LoRA term dx = s g A (g = dy B)", m, k, n, r, "gs", "dx"))
             case.launches.append(Launch("base dx += dy W (cuBLAS, beta 1)", None, 0,
                                         hbm_bytes=ELEM * (m * n + n * k + 2 * m * k), flops=2.0 * m * n * k))

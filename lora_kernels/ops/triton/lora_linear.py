@@ -506,8 +506,14 @@ def _dx_in_tile(m: int, r: int, dropout: bool, elem: int = 2) -> bool:
     return _shrink_in_tile(m, r, False, elem) and (not dropout or _pad_rank(r) <= IN_TILE_MAX_RANK_DX_DROP)
 
 
-def _cublas_base(m: int) -> bool:
-    """Whether the base GEMM of an [m, K] x [K, N] call runs on cuBLAS (see CUBLAS_BASE_M)."""
+def _cublas_base(m: int, n: int, r: int) -> bool:
+    """Whether the base GEMM of an [m, K] x [K, n] call at rank r runs on cuBLAS (see CUBLAS_BASE_M).
+
+    M alone decides today. The launch plan shows where that is off (``python -m lora_kernels plan``,
+    column "other"): at M = 64 the cuBLAS base is predicted faster for N = 14336 and for r = 64 at
+    N = 6144 / 14336 (the 64-row fused tile re-reads x from L2 in each of N/32 column tiles), the
+    fused tile for r = 64 at N = 4096; a rule in n and r that matches every case is open.
+    """
     return m > CUBLAS_BASE_M
 
 
@@ -692,7 +698,7 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: 
     bias = bias.contiguous() if bias is not None else None  # N elements: a copy only when strided
     dropout = dropout_p > 0
     inv = 1.0 / (1.0 - dropout_p)
-    if _cublas_base(m) if cublas_base is None else cublas_base:
+    if _cublas_base(m, n, r) if cublas_base is None else cublas_base:
         _launch_term(x2, lora_a, lora_b, bias, out, hs, scale * inv, scale * inv, dropout_p, seed, 1 if dropout else 0)
         if m and n and k:
             out.addmm_(x2, weight.t())  # cuBLAS: out = x @ W.T + out (the LoRA term and bias)
@@ -727,7 +733,7 @@ def lora_linear_dx(dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s
     gs = torch.empty((m, r), dtype=dy.dtype, device=dy.device)
     inv = 1.0 / (1.0 - dropout_p)
     drop_mode = 2 if dropout_p > 0 else 0
-    if _cublas_base(m) if cublas_base is None else cublas_base:
+    if _cublas_base(m, k, r) if cublas_base is None else cublas_base:
         _launch_term(dy, lora_b.t(), lora_a.t(), None, out, gs, scale * inv, scale, dropout_p, seed, drop_mode)
         if m and n and k:
             out.addmm_(dy, weight)  # cuBLAS: dx = dy @ W + the LoRA term
