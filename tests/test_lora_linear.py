@@ -215,8 +215,9 @@ def test_gradients_match_reference(case, device):
 @pytest.mark.parametrize("m", [9, 131], ids=["fused", "cublas_base"])
 def test_backward_reuses_forward_h(m, monkeypatch, device):
     """Backward launches no shrink over x (hs is saved by the forward) and no separate dy @ B
-    (g comes out of the dx pass): one Triton launch for dx, then dA and dB as two GEMMs. The
-    previous backward ran the shrink twice (g = dy B, h = x A^T recomputed) around the dx kernel."""
+    (g comes out of the dx pass): one Triton launch, which for a decode batch also writes dA and
+    dB (else two GEMMs follow). The previous backward ran the shrink twice (g = dy B, h = x A^T
+    recomputed) around the dx kernel."""
     x, w, b, a, bb = make(m, 40, 23, 6, torch.bfloat16, device)
     for t in (x, a, bb):
         t.requires_grad_(True)
@@ -225,13 +226,35 @@ def test_backward_reuses_forward_h(m, monkeypatch, device):
     for name in ("_launch_shrink", "_launch_fused", "_launch_term", "_launch_dropout"):
         fn = getattr(tl_mod, name, None)
         if fn is not None:
-            monkeypatch.setattr(tl_mod, name, lambda *args, _fn=fn, _name=name, **kw: launches.append(_name) or _fn(*args, **kw))
+            monkeypatch.setattr(tl_mod, name, lambda *args, _fn=fn, _name=name, **kw:
+                                launches.append(_name + ("+grads" if kw.get("grads") is not None else "")) or _fn(*args, **kw))
     dy = torch.randn_like(y)
     y.backward(dy)
-    assert launches == ["_launch_fused" if m <= tl_mod.DECODE_M else "_launch_term"], launches
+    # decode: dx, dA and dB from the one dx launch; prefill: the LoRA-term kernel (+ cuBLAS GEMMs)
+    assert launches == ["_launch_fused+grads" if m <= tl_mod.DECODE_M else "_launch_term"], launches
     refs = ref64_grads(x, w, b, a, bb, 0.5, dy)
     for name, t, ref in (("dx", x, refs[0]), ("dA", a, refs[3]), ("dB", bb, refs[4])):
         assert_close(t.grad, ref, torch.bfloat16, name)
+
+
+@pytest.mark.parametrize("case", [(5, 70, 300, 7, torch.bfloat16, 0.0), (5, 70, 300, 7, torch.bfloat16, 0.3),
+                                  (1, 33, 17, 1, torch.float32, 0.0), (40, 45, 150, 16, torch.float16, 0.25),
+                                  (16, 2049, 33, 64, torch.float32, 0.0)],
+                         ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}r{c[3]}-{str(c[4])[6:]}-p{c[5]}")
+def test_backward_one_launch_for_decode(case, device):
+    """A decode batch (one row tile, g in-tile) gets dx, dA and dB from the dx kernel alone
+    (LORA_GRADS): dB's rows are split over the programs by K step (N = 300: 3 steps of 128 over
+    3 column tiles at M = 5), dA per column tile, dropout's mask on x in dA. Against float64."""
+    m, k, n, r, dtype, p = case
+    x, w, b, a, bb = make(m, k, n, r, dtype, device)
+    seed = 77
+    hs_ref = 0.9 / (1 - p) * (x.double() * (tl_mod.dropout_mask(x, p, seed).double() if p else 1.0)) @ a.double().t()
+    dy = torch.randn(m, n, dtype=dtype, device=device)
+    dx, da, db = tl_mod.lora_linear_backward(dy, x, w, a, bb, hs_ref.to(dtype), 0.9, p, seed)
+    mask = tl_mod.dropout_mask(x, p, seed) if p else None
+    refs = ref64_grads(x, w, b, a, bb, 0.9, dy, mask, p)
+    for name, got, ref in (("dx", dx, refs[0]), ("dA", da, refs[3]), ("dB", db, refs[4])):
+        assert_close(got, ref, dtype, f"{name} {case}")
 
 
 def test_only_requested_gradients(device):

@@ -164,9 +164,10 @@ def _cdiv(a: int, b: int) -> int:
 # ---- single-task: the launchers' decisions replayed --------------------------------------------
 
 
-def _fused_launch(what, m, n, k, r, in_tile, dx=False, save=False, regime=None) -> Launch:
+def _fused_launch(what, m, n, k, r, in_tile, dx=False, save=False, regime=None, grads=False) -> Launch:
     """The fused kernel (``_lora_fused_kernel``): forward y, or dx on transposed operands (``dx``:
-    x = dy [M, N], "weight" W.T, so ``n`` is K and ``k`` is N here); ``save``: it also stores hs / gs."""
+    x = dy [M, N], "weight" W.T, so ``n`` is K and ``k`` is N here); ``save``: it also stores hs / gs;
+    ``grads``: dx with the LORA_GRADS epilogue (dA, dB in the same launch)."""
     from ..ops.triton import lora_linear as ll
 
     regime = regime or ll._fused_regime(m, ELEM)
@@ -178,6 +179,8 @@ def _fused_launch(what, m, n, k, r, in_tile, dx=False, save=False, regime=None) 
         variant += "-save"
     if regime == "decode_s" and m == 1 and not dx:
         variant += "-m1"
+    if grads:
+        variant += "-grads"
     grid = _cdiv(m, cfg.BM) * _cdiv(n, cfg.BN)
     rows_read = _cdiv(m, cfg.BM) * cfg.BM
     stage = (cfg.BM + cfg.BN + (br if in_tile else 0)) * cfg.BK * ELEM
@@ -188,6 +191,10 @@ def _fused_launch(what, m, n, k, r, in_tile, dx=False, save=False, regime=None) 
     flops = 2.0 * rows_read * n * k + 2.0 * 2 * rows_read * n * br  # base + hi/lo expand
     if in_tile:
         flops += 2.0 * rows_read * br * k * _cdiv(n, cfg.BN)
+    if grads:  # + x [m, n] and hs read, dA [r, n] and dB [k, r] written; dy re-read from L2
+        hbm += ELEM * (m * n + m * r + r * n + k * r) - ELEM * m * r
+        l2 += ELEM * m * k
+        flops += 2.0 * 2 * br * rows_read * n + 2.0 * k * rows_read * br
     return Launch(what, f"fused/{regime}/{variant}/{layout}/bf16", grid, cfg.num_warps, cfg.num_stages, stage,
                   hbm, l2, flops)
 
@@ -264,14 +271,17 @@ def single_task(op: str, k: int, n: int, r: int, m: int, cublas_base: bool | Non
                                         hbm_bytes=ELEM * (m * n + n * k + 2 * m * k), flops=2.0 * m * n * k))
         else:
             in_tile = ll._dx_in_tile(m, r, False, ELEM)
+            regime = ll._fused_regime(m, ELEM)
+            grads = in_tile and m <= ll.FUSED_CONFIGS[regime].BM  # lora_linear_backward's one-launch case
             if not in_tile:
                 case.launches += _shrink_launch("shrink g = dy B", m, n, r, use="dyB")
-            regime = None if m <= ll.DECODE_M else ll._fused_regime(m, ELEM)
-            case.launches.append(_fused_launch("fused dx = dy W + s g A", m, k, n, r, in_tile, dx=True, regime=regime))
-        case.launches.append(Launch("dA = gs^T x (cuBLAS)", None, 0, hbm_bytes=ELEM * (m * k + r * k + m * r),
-                                    flops=2.0 * m * r * k))
-        case.launches.append(Launch("dB = dy^T hs (cuBLAS)", None, 0, hbm_bytes=ELEM * (m * n + n * r + m * r),
-                                    flops=2.0 * m * n * r))
+            what = "fused dx, dA, dB (one row tile)" if grads else "fused dx = dy W + s g A"
+            case.launches.append(_fused_launch(what, m, k, n, r, in_tile, dx=True, regime=regime, grads=grads))
+        if cublas_dx or not grads:
+            case.launches.append(Launch("dA = gs^T x (cuBLAS)", None, 0, hbm_bytes=ELEM * (m * k + r * k + m * r),
+                                        flops=2.0 * m * r * k))
+            case.launches.append(Launch("dB = dy^T hs (cuBLAS)", None, 0, hbm_bytes=ELEM * (m * n + n * r + m * r),
+                                        flops=2.0 * m * n * r))
         base.append(_cublas("base dx = dy W", m, k, n))
         case.min_bytes += ELEM * (m * n + n * k + m * k + r * k + n * r)  # dy, W, dx, dA, dB
     case._base = base

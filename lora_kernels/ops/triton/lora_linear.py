@@ -128,14 +128,16 @@ def _expand(acc, hs, bt, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _lora_fused_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, out_ptr, hs_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, out_ptr, hs_ptr, xg_ptr, hg_ptr, da_ptr, db_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_hm, stride_om,
-    scale, h_scale, drop_p, seed,
+    stride_gm, stride_gk,
+    scale, h_scale, drop_p, seed, grad_scale,
     HAS_BIAS: tl.constexpr,
     SHRINK_IN_TILE: tl.constexpr,  # compute h = x_d @ A.T in the K loop (else read h from h_ptr)
     DROP_MODE: tl.constexpr,  # 0: none; 1: mask x for the in-tile shrink; 2: mask the LoRA term of out
     STORE_H: tl.constexpr,  # column tile 0 writes hs = h_scale * h [M, R] (out's dtype, contiguous) for backward
+    LORA_GRADS: tl.constexpr,  # dx with g in-tile and one row tile (M <= BM): also dA and dB (see below)
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     BR: tl.constexpr,  # padded rank (in-tile) or rank chunk of the expand loop (precomputed h)
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
@@ -148,6 +150,15 @@ def _lora_fused_kernel(
     out's own [M, N] index space, times 1/(1-p) in scale. Every column tile computes the same h
     (same loop, same order: the same bits), so column tile 0 alone stores it: backward reads
     these M x R values instead of recomputing the shrink (one pass over x saved).
+
+    LORA_GRADS (the backward of a decode batch, run as dx on transposed operands: x = dy
+    [M, N_dy], out = dx [M, K_x], in-tile h = g = dy @ B): the whole batch is this one row tile,
+    so g is complete here and the LoRA gradients need no cross-program reduction. Each program
+    writes dA[:, its column tile] = grad_scale * g.T @ (mask * xg)[:, tile] (xg: the forward's x
+    [M, K_x] by strides ``stride_gm``, ``stride_gk``) and the rows of dB = dy.T @ hg (hg: the
+    forward's hs [M, R], contiguous) for the K steps it owns (step j with j % column tiles ==
+    its column index): dy is re-read from L2, once in all. dA [R, N] and dB [K, R] contiguous.
+    One launch for the whole frozen-base backward instead of three; no atomics.
 
     Offsets: each tile's base pointer is formed in int64 (``pid * BM * stride`` passes 2**31 at
     M = 64k, K = 32k); offsets inside a tile stay int32 (the launcher checks BM * stride < 2**31)
@@ -237,6 +248,25 @@ def _lora_fused_kernel(
         acc += tl.load(bias_ptr + off_n + ln, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + off_m * stride_om + off_n + (lm[:, None] * stride_om + ln[None, :])
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    if LORA_GRADS:  # requires SHRINK_IN_TILE and one row tile (off_m = 0): see the docstring
+        g = tl.where(m_ok[:, None], h, 0.0)  # rows past M re-read row 0 of dy: they must not count
+        xg = tl.load(xg_ptr + (lm[:, None] * stride_gm + (off_n + ln)[None, :] * stride_gk),
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if DROP_MODE == 2:
+            xg = tl.where(_keep(seed, lm, off_n + ln, N, drop_p), xg, 0.0).to(xg.dtype)
+        da = _expand(tl.zeros((BR, BN), dtype=tl.float32), tl.trans(g) * grad_scale, xg, DOT_PREC, INTERPRET)
+        tl.store(da_ptr + (rr[:, None] * N + (off_n + ln)[None, :]), da.to(da_ptr.dtype.element_ty),
+                 mask=r_ok[:, None] & n_ok[None, :])
+        hg = tl.load(hg_ptr + (lm[:, None] * R + rr[None, :]), mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        dy_rows = x_ptr + lm[:, None] * stride_xm
+        for k0 in range(pid_n * BK, K, num_n * BK):
+            cols = k0 + rk
+            c_ok = cols < K
+            dyt = tl.load(dy_rows + cols[None, :] * stride_xk, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+            db = _mma(tl.trans(dyt), hg, tl.zeros((BK, BR), dtype=tl.float32), DOT_PREC, INTERPRET)
+            tl.store(db_ptr + (cols[:, None] * R + rr[None, :]), db.to(db_ptr.dtype.element_ty),
+                     mask=c_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -496,8 +526,10 @@ def _fused_regime(m: int, elem: int = 2) -> str:
     return "decode_s" if m <= 16 else "decode_l" if m <= DECODE_M else "middle" if m <= MIDDLE_M else "prefill"
 
 
-def _shrink_in_tile(m: int, r: int, dropout: bool, elem: int = 2) -> bool:
+def _shrink_in_tile(m: int, r: int, dropout: bool, elem: int = 2, save: bool = False) -> bool:
     max_rank = IN_TILE_MAX_RANK if elem <= 2 else IN_TILE_MAX_RANK_FP32
+    if save and elem > 2 and _fused_regime(m, elem) == "decode_l":
+        return False  # fp32 64-row tile + the store of hs spilled 8 B on sm_90 with Triton 3.6
     return m <= DECODE_M and _pad_rank(r) <= max_rank and not dropout
 
 
@@ -564,12 +596,14 @@ def _as_rows(x: Tensor) -> Tensor:
 
 def _launch_fused(x2: Tensor, w_nk: Tensor, bias: Tensor | None, a_rk: Tensor, b_nr: Tensor, h: Tensor | None,
                   out: Tensor, scale: float, drop_p: float, seed: int, drop_mode: int, in_tile: bool,
-                  regime: str | None = None, hs: Tensor | None = None, h_scale: float = 1.0) -> Tensor:
+                  regime: str | None = None, hs: Tensor | None = None, h_scale: float = 1.0,
+                  grads: tuple[Tensor, Tensor, Tensor, Tensor] | None = None, grad_scale: float = 1.0) -> Tensor:
     """out = x2 @ w_nk.T + bias + scale * h @ b_nr.T (h = x2_d @ a_rk.T when ``in_tile``);
     also ``hs = h_scale * h`` in out's dtype when ``hs`` is given (for backward).
 
     Shape: x2 [M, K], w_nk [N, K], a_rk [r, K], b_nr [N, r], h [M, r] fp32 or None, out [M, N]
     (row-major, any row stride), hs [M, r] contiguous or None. Every operand goes by its strides.
+    ``grads = (xg, hg, da, db)``: the LORA_GRADS epilogue of a dx launch (one row tile, in-tile g).
     """
     m, k = x2.shape
     n, r = b_nr.shape
@@ -589,14 +623,18 @@ def _launch_fused(x2: Tensor, w_nk: Tensor, bias: Tensor | None, a_rk: Tensor, b
     br = _pad_rank(r) if in_tile else min(_expand_chunk(elem), _pad_rank(r))
     if h is None:
         h = out  # unused (SHRINK_IN_TILE); any pointer of the right kind
+    if grads is not None and not (in_tile and m <= cfg.BM):
+        raise ValueError("lora_linear: the LoRA gradients ride on a dx launch with g in-tile and one row tile only")
+    xg, hg, da, db = grads if grads is not None else (out, out, out, out)
     grid = (triton.cdiv(m, cfg.BM) * triton.cdiv(n, cfg.BN),)
     _lora_fused_kernel[grid](
-        x2, w_nk, bias if bias is not None else out, a_rk, b_nr, h, out, hs if hs is not None else out,
+        x2, w_nk, bias if bias is not None else out, a_rk, b_nr, h, out, hs if hs is not None else out, xg, hg, da, db,
         m, n, k, r,
         x2.stride(0), x2.stride(1), w_nk.stride(0), w_nk.stride(1), a_rk.stride(0), a_rk.stride(1),
-        b_nr.stride(0), b_nr.stride(1), h.stride(0), out.stride(0),
-        float(scale), float(h_scale), float(drop_p), int(seed),
+        b_nr.stride(0), b_nr.stride(1), h.stride(0), out.stride(0), xg.stride(0), xg.stride(1),
+        float(scale), float(h_scale), float(drop_p), int(seed), float(grad_scale),
         HAS_BIAS=bias is not None, SHRINK_IN_TILE=in_tile, DROP_MODE=drop_mode, STORE_H=hs is not None,
+        LORA_GRADS=grads is not None,
         BM=cfg.BM, BN=cfg.BN, BK=bk, BR=br, GROUP_M=cfg.GROUP_M,
         EVEN_K=k % bk == 0, DOT_PREC=_dot_prec(x2.dtype), INTERPRET=_interpret(),
         num_warps=cfg.num_warps, num_stages=_stages(cfg, elem),
@@ -703,7 +741,7 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: 
         if m and n and k:
             out.addmm_(x2, weight.t())  # cuBLAS: out = x @ W.T + out (the LoRA term and bias)
         return out.view(*x.shape[:-1], n), hs
-    in_tile = _shrink_in_tile(m, r, dropout, x.element_size()) if shrink_in_tile is None else shrink_in_tile
+    in_tile = _shrink_in_tile(m, r, dropout, x.element_size(), save_h) if shrink_in_tile is None else shrink_in_tile
     if in_tile:
         _launch_fused(x2, weight, bias, lora_a, lora_b, None, out, scale * inv, dropout_p, seed,
                       1 if dropout else 0, True, regime, hs, scale * inv)
@@ -743,6 +781,38 @@ def lora_linear_dx(dy: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s
     _launch_fused(dy, weight.t(), None, lora_b.t(), lora_a.t(), g, out, scale * inv, dropout_p, seed, drop_mode, in_tile,
                   regime, gs, scale)
     return out, gs
+
+
+def lora_linear_backward(dy: Tensor, x2: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, hs: Tensor, scale: float,
+                         dropout_p: float, seed: int, *, shrink_in_tile: bool | None = None,
+                         cublas_base: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx [M, K], dA [r, K], dB [N, r]) of a frozen-base layer: the whole backward but dW, db.
+
+    Shape: dy [M, N], x2 [M, K] (the forward's x), weight [N, K], lora_a [r, K], lora_b [N, r],
+    hs [M, r] = scale * dropout(x) @ A.T from the forward (contiguous, x's dtype). A decode batch
+    that fits one row tile of the fused dx kernel with g in-tile (M <= 16, or <= 64 at 16 < M,
+    r <= 64) gets all three from that one launch (LORA_GRADS); otherwise dx by
+    :func:`lora_linear_dx`, then dA = gs.T @ x_d and dB = dy.T @ hs as two GEMMs.
+    """
+    m, n = dy.shape
+    k = weight.shape[1]
+    r = lora_a.shape[0]
+    inv = 1.0 / (1.0 - dropout_p)
+    drop_mode = 2 if dropout_p > 0 else 0
+    cfg = FUSED_CONFIGS[_fused_regime(m, dy.element_size())]
+    cublas = _cublas_base(m, k, r) if cublas_base is None else cublas_base
+    in_tile = _dx_in_tile(m, r, dropout_p > 0, dy.element_size()) if shrink_in_tile is None else shrink_in_tile
+    if not cublas and in_tile and 0 < m <= cfg.BM:
+        dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
+        da = torch.empty((r, k), dtype=dy.dtype, device=dy.device)
+        db = torch.empty((n, r), dtype=dy.dtype, device=dy.device)
+        _launch_fused(dy, weight.t(), None, lora_b.t(), lora_a.t(), None, dx, scale * inv, dropout_p, seed, drop_mode, True,
+                      grads=(x2, hs, da, db), grad_scale=scale * inv)
+        return dx, da, db
+    dx, gs = lora_linear_dx(dy, weight, lora_a, lora_b, scale, dropout_p, seed, shrink_in_tile=shrink_in_tile,
+                            cublas_base=cublas_base)
+    xd = _launch_dropout(x2, dropout_p, seed, False) if dropout_p > 0 else x2
+    return dx, gs.t() @ xd, dy.t() @ hs  # cuBLAS GEMMs over the M tokens
 
 
 def dropout_mask(x: Tensor, dropout_p: float, seed: int | Tensor) -> Tensor:
@@ -812,6 +882,19 @@ def _(dy, weight, lora_a, lora_b, scale, dropout_p, seed):
     return dy.new_empty((dy.shape[0], weight.shape[1])), dy.new_empty((dy.shape[0], lora_a.shape[0]))
 
 
+@torch.library.custom_op("lora_kernels::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, hs: Tensor,
+                             scale: float, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx [M, K], dA [r, K], dB [N, r]) of a frozen-base layer from dy [M, N], x [M, K] and the
+    forward's hs [M, r]: one fused launch for a decode batch, else dx + two GEMMs."""
+    return lora_linear_backward(dy, x, weight, lora_a, lora_b, hs, scale, dropout_p, _seed_int(seed))
+
+
+@_lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_a, lora_b, hs, scale, dropout_p, seed):
+    return x.new_empty(x.shape), lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
+
+
 @torch.library.custom_op("lora_kernels::lora_dropout", mutates_args=())
 def _lora_dropout_op(x: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
     """x_d [M, K] = x * mask / (1 - p) with the kernels' philox mask; x [..., K] flattened."""
@@ -839,7 +922,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dhs):
     """Passes over the big operands (frozen base): dx reads dy and W once (fused, or the LoRA-term
-    kernel + cuBLAS: dy twice), dA = gs.T @ x_d reads x once, dB = dy.T @ hs reads dy once."""
+    kernel + cuBLAS: dy twice), dA = gs.T @ x_d reads x once, dB = dy.T @ hs reads dy once; a
+    decode batch gets dx, dA and dB from one launch (``lora_linear_backward``)."""
     x, weight, lora_a, lora_b, seed, hs = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
     s, p = ctx.scale, ctx.dropout_p
@@ -847,6 +931,10 @@ def _backward(ctx, dy, dhs):
     dy2 = dy.reshape(-1, n)
     x2 = x.reshape(-1, k)
     dx = dw = db = da = dlb = gs = None
+    if need_x and need_a and need_lb and hs.shape[0] == x2.shape[0]:  # LoRA training: one op, often one launch
+        dx, da, dlb = torch.ops.lora_kernels.lora_linear_backward(dy2, x2, weight, lora_a, lora_b, hs, s, p, seed)
+        dx = dx.view(x.shape)
+        need_x = need_a = need_lb = False
     if need_x:
         dx, gs = torch.ops.lora_kernels.lora_linear_dx(dy2, weight, lora_a, lora_b, s, p, seed)
         dx = dx.view(x.shape)
@@ -920,35 +1008,43 @@ def aot_specs(dtypes=(torch.bfloat16, torch.float32)) -> Iterator[tuple[str, obj
         prec = _dot_prec(dtype)
         chunk = _expand_chunk(elem)
         ptrs = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "a_ptr": f"*{t}", "b_ptr": f"*{t}",
-                "h_ptr": "*fp32", "out_ptr": f"*{t}", "hs_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32", "R": "i32"}
+                "h_ptr": "*fp32", "out_ptr": f"*{t}", "hs_ptr": f"*{t}", "xg_ptr": f"*{t}", "hg_ptr": f"*{t}",
+                "da_ptr": f"*{t}", "db_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32", "R": "i32"}
         strides = ("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_ar", "stride_ak",
-                   "stride_bn", "stride_br", "stride_hm", "stride_om")
+                   "stride_bn", "stride_br", "stride_hm", "stride_om", "stride_gm", "stride_gk")
         # (name, unit strides, strides divisible by 16): forward [x, W, A, B row-major],
         # dx [dy, W.T, B.T (as A: [r, N], stride r), A.T (as B: [K, r], stride K)]
-        layouts = {"fwd": (("stride_xk", "stride_wk", "stride_ak", "stride_br"), ("stride_xm", "stride_wn", "stride_ar", "stride_om")),
-                   "dx": (("stride_xk", "stride_wn", "stride_ar", "stride_bn"), ("stride_xm", "stride_wk", "stride_ak", "stride_br", "stride_om")),
-                   "fwd-odd": (("stride_xk", "stride_wk", "stride_ak", "stride_br"), ())}
+        # (unused xg strides: the JIT sees out's, [M, N] row-major; dx: the forward's x, [M, K] row-major)
+        layouts = {"fwd": (("stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_gk"),
+                           ("stride_xm", "stride_wn", "stride_ar", "stride_om", "stride_gm")),
+                   "dx": (("stride_xk", "stride_wn", "stride_ar", "stride_bn", "stride_gk"),
+                          ("stride_xm", "stride_wk", "stride_ak", "stride_br", "stride_om", "stride_gm")),
+                   "fwd-odd": (("stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_gk"), ())}
         for regime, cfg in FUSED_CONFIGS.items():
             if elem > 2 and regime in ("middle", "prefill", "prefill_dx_drop"):
                 continue  # never picked for fp32 (see _fused_regime)
-            # (name, layout, in-tile shrink, DROP_MODE, BR, store hs)
+            # (name, layout, in-tile shrink, DROP_MODE, BR, store hs, LoRA grads)
             if regime == "prefill_dx_drop":
-                variants = [("h_drop", "dx", False, 2, chunk, True)]
+                variants = [("h_drop", "dx", False, 2, chunk, True, False)]
             elif regime in ("middle", "prefill"):
-                variants = [("h", "fwd", False, 0, chunk, False), ("h", "dx", False, 0, chunk, True)]
+                variants = [("h", "fwd", False, 0, chunk, False, False), ("h", "dx", False, 0, chunk, True, False)]
             else:
-                variants = [("h", "fwd", False, 0, chunk, False), ("h-save", "fwd", False, 0, chunk, True),
-                            ("h", "fwd-odd", False, 0, chunk, False),
-                            ("h", "dx", False, 0, chunk, True), ("h_drop", "dx", False, 2, chunk, True)]
+                variants = [("h", "fwd", False, 0, chunk, False, False), ("h-save", "fwd", False, 0, chunk, True, False),
+                            ("h", "fwd-odd", False, 0, chunk, False, False),
+                            ("h", "dx", False, 0, chunk, True, False), ("h_drop", "dx", False, 2, chunk, True, False)]
                 for br in (16, IN_TILE_MAX_RANK) if elem <= 2 else (16,):
-                    variants += [(f"intile_r{br}", "fwd", True, 0, br, False), (f"intile_r{br}-save", "fwd", True, 0, br, True),
-                                 (f"intile_r{br}", "dx", True, 0, br, True)]
+                    variants += [(f"intile_r{br}", "fwd", True, 0, br, False, False)]
+                    if elem <= 2 or regime != "decode_l":  # see _shrink_in_tile
+                        variants.append((f"intile_r{br}-save", "fwd", True, 0, br, True, False))
+                    variants += [(f"intile_r{br}", "dx", True, 0, br, True, False),
+                                 (f"intile_r{br}-grads", "dx", True, 0, br, False, True)]
                     if br <= IN_TILE_MAX_RANK_DX_DROP:
-                        variants.append((f"intile_r{br}_drop", "dx", True, 2, br, True))
-                variants.append(("intile_r16", "fwd-odd", True, 0, 16, False))
+                        variants += [(f"intile_r{br}_drop", "dx", True, 2, br, True, False),
+                                     (f"intile_r{br}_drop-grads", "dx", True, 2, br, False, True)]
+                variants.append(("intile_r16", "fwd-odd", True, 0, 16, False, False))
             if regime == "decode_s":  # M = 1 (one token): the JIT makes M a constant 1
                 variants += [(v + "-m1", lay, *rest) for v, lay, *rest in variants if lay == "fwd"]
-            for vname, layout, in_tile, drop_mode, br, store_h in variants:
+            for vname, layout, in_tile, drop_mode, br, store_h, grads in variants:
                 units, div16 = layouts[layout]
                 aligned = layout != "fwd-odd"
                 sig = dict(ptrs)
@@ -958,12 +1054,12 @@ def aot_specs(dtypes=(torch.bfloat16, torch.float32)) -> Iterator[tuple[str, obj
                             "N": "i32:16" if aligned else "i32", "K": "i32:16" if aligned else "i32",
                             "R": "i32:16" if aligned else "i32"})
                 sig.update({st: "constexpr" if st in units else "i32:16" if st in div16 else "i32" for st in strides})
-                sig.update({"scale": "fp32", "h_scale": "fp32", "drop_p": "fp32", "seed": "i32"})
+                sig.update({"scale": "fp32", "h_scale": "fp32", "drop_p": "fp32", "seed": "i32", "grad_scale": "fp32"})
                 consts = {st: 1 for st in units}
                 if vname.endswith("-m1"):
                     consts["M"] = 1
                 consts.update({"HAS_BIAS": layout != "dx", "SHRINK_IN_TILE": in_tile, "DROP_MODE": drop_mode,
-                               "STORE_H": store_h, "BM": cfg.BM,
+                               "STORE_H": store_h, "LORA_GRADS": grads, "BM": cfg.BM,
                                "BN": cfg.BN, "BK": _bk(cfg, elem, layout != "fwd-odd"), "BR": br, "GROUP_M": cfg.GROUP_M,
                                "EVEN_K": layout != "fwd-odd", "DOT_PREC": prec,
                                "INTERPRET": False})
