@@ -349,6 +349,9 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.lora_kernels.lora_linear_dx.default,
                           (dy, w.detach(), a.detach(), bb.detach(), 0.5, 0.25, seed))
     torch.library.opcheck(torch.ops.lora_kernels.lora_dropout.default, (x.detach(), 0.25, seed))
+    hs = torch.randn(6, 3, device=device)
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear_backward.default,
+                          (dy, x.detach(), w.detach(), a.detach(), bb.detach(), hs, 0.5, 0.25, seed))
 
 
 def test_torch_compile_fullgraph(device):

@@ -365,6 +365,8 @@ def _op_samples():
         ],
         "lora_shrink": [(r(m, k), r(rank, k), 0.0, None), (r(m, k), r(rank, k), 0.3, torch.tensor([5]))],
         "lora_linear_dx": [(r(m, n), r(n, k), r(rank, k), r(n, rank), 0.5, 0.0, None)],
+        "lora_linear_backward": [(r(m, n), r(m, k), r(n, k), r(rank, k), r(n, rank), r(m, rank), 0.5, 0.0, None),
+                                 (r(m, n), r(m, k), r(n, k), r(rank, k), r(n, rank), r(m, rank), 0.5, 0.3, torch.tensor([4]))],
         "lora_dropout": [(r(m, k), 0.3, torch.tensor([9]))],
     }
     ids = torch.tensor([2, -1, 0, 2, 1])

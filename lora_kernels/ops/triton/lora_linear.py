@@ -13,28 +13,29 @@ Design (numbers for an H200: 132 SMs, ~4.8 TB/s HBM, ~990 TFLOP/s dense bf16, ri
 flop/byte; a [M, K] x [K, N] bf16 GEMM has an intensity of ~M flop/byte, so M <= ~128 is
 memory-bound, "decode", and larger M is compute-bound, "prefill"):
 
-* **One output kernel.** ``_lora_fused_kernel`` produces each [BM, BN] tile of y: it streams x and
-  W once over K into an fp32 accumulator, adds ``s * h @ B.T`` and the bias in the epilogue and
-  writes y once. No separate expand kernel, no read-modify-write of y.
-* **Where the shrink h = x_d @ A.T (fp32, [M, r]) is computed**, chosen per call by
-  :func:`_shrink_in_tile` (not measured on a GPU yet: chosen from these estimates):
-    - decode (M <= 128), r <= 64, no dropout: *inside every output tile*, in the same K loop that
-      already holds the x tile in shared memory. The extra MMA work is r/BN of the tile (free: the
-      tile is memory-bound) and the extra bytes are A re-read from L2 per column tile
-      (N/BN * r * K * 2 B = 64 * 64 * 4096 * 2 = 32 MiB of L2 traffic at r = 64, N = K = 4096: ~3 us
-      of L2 bandwidth hidden under the 7 us HBM stream of W). A preceding kernel would cost a
-      launch (~3-4 us, i.e. +40-60 % on a 7 us decode GEMM).
-    - prefill (M > 128), or r > 64, or dropout: *a tiny preceding kernel* (``_shrink_kernel``).
-      In a compute-bound tile, recomputing the shrink costs r/BN extra tensor-core work (12.5 % at
-      r = 16, BN = 128; 50 % at r = 64), far over the 5 % budget; the preceding kernel costs
-      2*M*r*K flops once (r/N of the GEMM: 0.4 % at r = 16, N = 4096) plus one more read of x
-      (M*K*2 B: 64 MiB = 14 us at M = 8192, K = 4096, against a ~280 us GEMM: ~5 %) and writes
-      only M*r*4 bytes. For decode with r > 64, A re-read per tile from L2 (N/BN * r*K*2 B = 128
-      MiB at r = 256) would exceed the W stream, so the preceding kernel wins there too. With
-      dropout the philox mask would be regenerated N/BN times in-tile; once is enough.
+* **Two paths, chosen by M** (:func:`_cublas_base`; the launch plan, ``python -m lora_kernels
+  plan``, predicts both for every benchmark case and ``tests/test_plan.py`` checks the choice):
+    - decode (M <= 128): ``_lora_fused_kernel`` produces each [BM, BN] tile of y: it streams x
+      and W once over K into an fp32 accumulator, adds ``s * h @ B.T`` and the bias in the
+      epilogue and writes y once (one launch; the base GEMM is memory-bound there).
+    - prefill (M > 128): ``_lora_term_kernel`` writes ``bias + s * h @ B.T`` into y (one launch:
+      it reads x once for h and keeps h in registers), then cuBLAS adds ``x @ W.T`` into y
+      (``addmm_``, beta = 1: cuBLAS reads y as C in its epilogue, under the GEMM's compute). A
+      Triton main loop without TMA / persistent tiles is taken at 0.8x cuBLAS's tensor-core rate
+      on Hopper by the plan: 1.36x the base at M = 8192 for the fused tile, 1.09x this way (the
+      pass over x and the write of y are ~4 % each at K = N = 4096; H200, predicted).
+* **Where the shrink h = x_d @ A.T (fp32, [M, r]) of the fused path is computed**, chosen per
+  call by :func:`_shrink_in_tile` (not measured on a GPU yet: chosen from these estimates):
+    - r <= 64, no dropout: *inside every output tile*, in the same K loop that already holds
+      the x tile in shared memory. The extra MMA work is r/BN of the tile (free: the tile is
+      memory-bound) and the extra bytes are A re-read from L2 per column tile. A preceding
+      kernel would cost a launch (~3-4 us, i.e. +40-60 % on a 7 us decode GEMM).
+    - r > 64, or dropout: *a tiny preceding kernel* (``_shrink_kernel``): A re-read per tile
+      from L2 (N/BN * r*K*2 B = 128 MiB at r = 256) would exceed the W stream, and with dropout
+      the philox mask would be regenerated N/BN times in-tile; once is enough.
   The preceding kernel splits K over programs when there are too few row tiles to fill the GPU
   (decode: one row tile, K/BK/4 splits); each split writes its own fp32 partial and one small
-  reduction sums them in a fixed order. No atomics anywhere: forward and backward are bitwise
+  reduction sums them in a fixed order. No float atomics anywhere: forward and backward are bitwise
   deterministic run to run (no opt-in nondeterministic path is offered).
 * **fp32 everywhere it matters:** all dots accumulate in fp32; h stays fp32; for 16-bit inputs the
   expand multiplies ``s*h`` split into a hi and a lo 16-bit part (two MMAs: 2*r/K extra work, 0.8 %
@@ -55,18 +56,26 @@ memory-bound, "decode", and larger M is compute-bound, "prefill"):
   counter ``m*K + k`` is int64. Strides are passed for x, W, A, B and h, so transposed or
   sliced weights and strided x run without copies; x is reshaped to [M, K] (a copy only when its
   leading dims cannot be flattened as a view: deliberate), bias is made contiguous (N elements).
-* **Backward** ``dx = dy @ W + s * (dy @ B) @ A`` is the same fused kernel run on the transposed
-  views (W.T as the "weight", A.T as the expand matrix, g = dy @ B as the precomputed h), with the
-  dropout mask applied to the LoRA part in the epilogue. ``dA = s * g.T @ x_d``,
-  ``dB = s * dy.T @ h``, ``dW = dy.T @ x``, ``db = sum(dy)`` are plain torch matmuls: each is a
-  single large GEMM (reduction over the M tokens) that cuBLAS runs at its floor; fusing them would
-  need split-M reductions for no saved bytes. dW and db are computed only when asked for.
-* **Configs:** a small table per regime (decode M <= 16, decode M <= 128, prefill; the shrink per
-  rank band) and dtype width, chosen by :func:`_fused_regime`, :func:`_shrink_cfg` and
-  :func:`_bk`; no autotuning at import or at call. fp32 ("ieee" dots on FMA units, no tensor
-  cores) uses the two decode tiles at every M, a quarter of the K step and in-tile shrink only up
-  to r = 16. Every entry is compiled for sm_90 and sm_80 in ``tests/test_triton_aot.py`` (see
-  :func:`aot_specs`): no spills, shared memory <= 112 KiB, wgmma in the 16-bit BM >= 64 tiles.
+* **Backward** (frozen base: dx, dA, dB; dW = dy.T @ x and db = sum(dy) only when asked for).
+  The forward saves ``hs = s * x_d @ A.T`` ([M, r] in x's dtype, stored by the forward kernel
+  itself), so no shrink over x is recomputed. ``dx = dy @ W + s * (dy @ B) @ A`` runs the
+  forward's paths on transposed views (W.T as the "weight", B.T in A's role so that
+  g = dy @ B comes out of the same K loop, A.T in B's role, the dropout mask applied to the
+  LoRA term in the epilogue), and stores ``gs = s * g``. Then ``dA = gs.T @ x_d`` and
+  ``dB = dy.T @ hs`` are single GEMMs over the M tokens (cuBLAS) -- except for a decode batch
+  that fits one row tile of the dx kernel, where g is complete inside every program and the
+  same launch writes dA and dB too (``LORA_GRADS``): the whole LoRA backward is one launch, as
+  cheap as the base's dx launch. Passes over the big operands, prefill: dy twice (LoRA-term
+  kernel, cuBLAS dx) + once (dB), x once (dA); decode: dy and W once, x once.
+* **Configs:** a small table per regime (decode M <= 16, decode M <= 128; middle and prefill
+  tiles remain for ``cublas_base=False`` and as the plan's comparison; the shrink and the
+  LoRA-term kernel per rank band) and dtype width, chosen by :func:`_fused_regime`,
+  :func:`_shrink_cfg`, :func:`_term_cfg` and :func:`_bk`; no autotuning at import or at call.
+  fp32 ("ieee" dots on FMA units, no tensor cores) uses the two decode tiles up to M = 128 (the
+  cuBLAS base above), a quarter of the K step and in-tile shrink only up to r = 16. Every
+  shipped entry is compiled for sm_90 and sm_80 in ``tests/test_triton_aot.py`` (see
+  :func:`aot_specs`) on Triton 3.9 and 3.6: no spills, shared memory <= 112 KiB, wgmma in the
+  16-bit BM >= 64 tiles.
 """
 
 from __future__ import annotations
@@ -796,8 +805,8 @@ def lora_linear_backward(dy: Tensor, x2: Tensor, weight: Tensor, lora_a: Tensor,
 
     Shape: dy [M, N], x2 [M, K] (the forward's x), weight [N, K], lora_a [r, K], lora_b [N, r],
     hs [M, r] = scale * dropout(x) @ A.T from the forward (contiguous, x's dtype). A decode batch
-    that fits one row tile of the fused dx kernel with g in-tile (M <= 16, or <= 64 at 16 < M,
-    r <= 64) gets all three from that one launch (LORA_GRADS); otherwise dx by
+    that fits one row tile of the fused dx kernel with g in-tile (M <= 64 and r <= 64; r <= 16
+    with dropout) gets all three from that one launch (LORA_GRADS); otherwise dx by
     :func:`lora_linear_dx`, then dA = gs.T @ x_d and dB = dy.T @ hs as two GEMMs.
     """
     m, n = dy.shape
