@@ -306,7 +306,7 @@ def test_dropout_forward_backward_same_mask(dtype, m, device):
     for t in (x, w, b, a, bb):
         t.requires_grad_(True)
     mask = tl_mod.dropout_mask(x.detach(), p, int(seed))
-    y = torch.ops.lora_kernels.lora_linear(x, w, b, a, bb, 1.3, p, seed)[0]
+    y = torch.ops.lora_kernels.lora_linear(x, w, b, a, bb, 1.3, p, seed, True)[0]
     assert_close(y, ref64(x, w, b, a, bb, 1.3, mask, p), dtype, "y (dropout)")
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -341,8 +341,8 @@ def test_opcheck(device):
     for t in (x, w, b, a, bb):
         t.requires_grad_(True)
     seed = torch.tensor([7], dtype=torch.int64)
-    torch.library.opcheck(torch.ops.lora_kernels.lora_linear.default, (x, w, b, a, bb, 0.5, 0.0, None))
-    torch.library.opcheck(torch.ops.lora_kernels.lora_linear.default, (x, w, None, a, bb, -1.0, 0.25, seed))
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear.default, (x, w, b, a, bb, 0.5, 0.0, None, True))
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear.default, (x, w, None, a, bb, -1.0, 0.25, seed, True))
     torch.library.opcheck(torch.ops.lora_kernels.lora_linear.default, (x, w, None, a, bb, -1.0, 0.25, seed, False))
     dy = torch.randn(6, 9, device=device)
     torch.library.opcheck(torch.ops.lora_kernels.lora_shrink.default, (x.detach(), a.detach(), 0.25, seed))
