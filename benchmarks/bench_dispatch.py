@@ -6,6 +6,11 @@ layer's time. These benchmarks time that path on tiny CPU tensors, where the mat
 ``aten`` is a bare ``F.linear`` (the floor: one aten op), the others are the public ops on the
 torch backend, with and without autograd, and the checks alone. On a GPU machine the Triton
 custom-op path is timed too (it launches kernels, so it is skipped here under the interpreter).
+``triton-host`` / ``triton-host-autograd`` time the Triton single-task call on any machine with
+its kernel launches replaced by no-ops: the check, the custom-op dispatch, the autograd node,
+the launcher's config choice and its output allocations -- everything the host does per call
+except Triton's own launch (argument binding and the driver call, ~20-40 us in Triton 3.x per
+launch by its own benchmarks; a GPU run measures it in ``triton``).
 
     pytest benchmarks/bench_dispatch.py --benchmark-only    # timings
 """
@@ -40,6 +45,7 @@ def _check_result(y, x, w, b, a, bb):
 
 
 CASES = ["aten", "checks", "torch", "torch-autograd", "mixed-torch", "triton"]
+HOST_CASES = ["triton-host", "triton-host-autograd"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -67,3 +73,22 @@ def test_dispatch_overhead(benchmark, case):
     with lk.ops.use_backend(backend):
         y = benchmark(lk.ops.lora_linear, x, w, b, a, bb, 0.5)
     _check_result(y, x, w, b, a, bb)
+
+
+class _NoLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("case", HOST_CASES)
+def test_triton_host_path(benchmark, monkeypatch, case):
+    pytest.importorskip("triton")
+    from lora_kernels.ops.triton import lora_linear as tl_mod
+
+    for name in ("_lora_fused_kernel", "_shrink_kernel", "_lora_term_kernel", "_dropout_kernel"):
+        monkeypatch.setattr(tl_mod, name, _NoLaunch())
+    x, w, b, a, bb = _inputs("cpu", grad=case.endswith("autograd"))
+    y = benchmark(tl_mod.lora_linear, x, w, b, a, bb, 0.5)
+    assert y.shape == (1, N) and y.requires_grad == case.endswith("autograd")  # values: none (no kernel ran)

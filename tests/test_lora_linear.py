@@ -62,17 +62,27 @@ def ref64_grads(x, w, b, a, bb, scale, dy, mask=None, p=0.0):
 FWD_SHAPES = [(1, 17, 17, 1), (17, 33, 1, 3), (17, 1, 19, 16), (5, 2049, 17, 8), (17, 40, 24, 256), (33, 20, 65, 5)]
 
 
+# The three forward paths, forced on small shapes: one fused kernel with the shrink in every output
+# tile, the shrink kernel first then the fused kernel, and the LoRA-term kernel + cuBLAS base (M > 128).
+PATHS = {"shrink_in_tile": dict(shrink_in_tile=True, cublas_base=False),
+         "shrink_kernel": dict(shrink_in_tile=False, cublas_base=False),
+         "cublas_base": dict(cublas_base=True)}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", FWD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("in_tile", [True, False], ids=["shrink_in_tile", "shrink_kernel"])
-def test_forward_matches_reference(shape, dtype, in_tile, device):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_forward_matches_reference(shape, dtype, path, device):
     m, k, n, r = shape
     bias = (m + r) % 2 == 0  # half the shapes without bias
     x, w, b, a, bb = make(m, k, n, r, dtype, device, bias=bias)
-    scale = -0.75 if in_tile else 1.5
-    y = tl_mod.lora_linear_forward(x, w, b, a, bb, scale, shrink_in_tile=in_tile)
+    scale = -0.75 if path == "shrink_in_tile" else 1.5
+    y, hs = tl_mod.lora_linear_forward(x, w, b, a, bb, scale, save_h=True, **PATHS[path])
     assert y.dtype == dtype and y.shape == (m, n)
     assert_close(y, ref64(x, w, b, a, bb, scale), dtype, f"y {shape}")
+    # hs = scale * x @ A.T (what backward's dB reads instead of recomputing the shrink)
+    assert hs.dtype == dtype and hs.shape == (m, r)
+    assert_close(hs, scale * x.double() @ a.double().t(), dtype, f"hs {shape}")
 
 
 @pytest.mark.parametrize("regime", ["decode_s", "decode_l", "middle", "prefill"])
@@ -82,29 +92,37 @@ def test_every_regime_config(regime, device):
     x, w, b, a, bb = make(19, 70, 37, 12, dtype, device)
     for in_tile in ([False] if regime in ("middle", "prefill") else [True, False]):
         out = poisoned((19, 37), dtype, device)
-        y = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.5, out=out, shrink_in_tile=in_tile, regime=regime)
+        y, _ = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.5, out=out, shrink_in_tile=in_tile, regime=regime)
         assert y.data_ptr() == out.data_ptr()
         assert_close(y, ref64(x, w, b, a, bb, 0.5), dtype, f"{regime} in_tile={in_tile}")
 
 
-@pytest.mark.parametrize("in_tile", [True, False], ids=["shrink_in_tile", "shrink_kernel"])
-def test_poisoned_output_buffer(in_tile, device):
-    """The launcher writes every element of a NaN-filled out (edge tiles included)."""
+@pytest.mark.parametrize("path", list(PATHS))
+def test_poisoned_output_buffer(path, device):
+    """The launcher writes every element of a NaN-filled out (edge tiles included); on the cuBLAS
+    path the LoRA-term kernel must write all of it before cuBLAS reads it back (beta = 1)."""
     dtype = torch.float16
     x, w, b, a, bb = make(23, 45, 67, 7, dtype, device)
     out = poisoned((23, 67), dtype, device)
-    tl_mod.lora_linear_forward(x, w, b, a, bb, 2.0, out=out, shrink_in_tile=in_tile)
+    tl_mod.lora_linear_forward(x, w, b, a, bb, 2.0, out=out, **PATHS[path])
     assert_close(out, ref64(x, w, b, a, bb, 2.0), dtype, "out")
 
 
-def test_poisoned_dx_buffer(device):
+@pytest.mark.parametrize("path", ["in_tile", "shrink_kernel", "cublas_base"])
+@pytest.mark.parametrize("p", [0.0, 0.4], ids=["nodrop", "drop"])
+def test_poisoned_dx_buffer(path, p, device):
+    """dx = dy W + mask * s/(1-p) * (dy B) A and gs = s * dy B on every path, into a NaN-filled dx."""
     dtype = torch.float32
     x, w, _, a, bb = make(21, 35, 18, 5, dtype, device, bias=False)
     dy = torch.randn(21, 18, dtype=dtype, device=device)
     g = dy.double() @ bb.double()
+    mask = tl_mod.dropout_mask(x, p, 11).double() if p else torch.ones(21, 35, dtype=torch.float64)
     out = poisoned((21, 35), dtype, device)
-    tl_mod.lora_linear_dx(dy, w, g.float(), a, 0.7, 0.0, 0, out=out)
-    assert_close(out, dy.double() @ w.double() + 0.7 * g @ a.double(), dtype, "dx")
+    dx, gs = tl_mod.lora_linear_dx(dy, w, a, bb, 0.7, p, 11, out=out, shrink_in_tile=path == "in_tile",
+                                   cublas_base=path == "cublas_base")
+    assert dx.data_ptr() == out.data_ptr() and gs.dtype == dtype
+    assert_close(out, dy.double() @ w.double() + 0.7 / (1 - p) * mask * (g @ a.double()), dtype, f"dx {path}")
+    assert_close(gs, 0.7 * g, dtype, f"gs {path}")
 
 
 @pytest.mark.parametrize("scale", [0.0, -2.0])
@@ -137,9 +155,9 @@ def test_noncontiguous_inputs(device):
     b = torch.randn(2 * n, dtype=dtype, device=device)[::2]  # strided bias
     for x in (xs, x3):
         assert not x.is_contiguous()
-        for in_tile in (True, False):
-            y = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.9, shrink_in_tile=in_tile)
-            assert_close(y, ref64(x, w, b, a, bb, 0.9), dtype, f"x stride {x.stride()} in_tile={in_tile}")
+        for path, kw in PATHS.items():
+            y, _ = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.9, **kw)
+            assert_close(y, ref64(x, w, b, a, bb, 0.9), dtype, f"x stride {x.stride()} {path}")
 
 
 def test_dispatch_routes_backend_triton_here(device):
@@ -172,7 +190,8 @@ GRAD_CASES = [
     (17, 33, 1, 3, torch.float16, False),
     (17, 24, 40, 256, torch.bfloat16, True),
     (33, 2049, 17, 8, torch.float32, False),
-    (130, 20, 18, 16, torch.bfloat16, True),  # M > 128: the prefill regime
+    (130, 20, 18, 16, torch.bfloat16, True),  # M > 128: LoRA-term kernel + cuBLAS base, forward and dx
+    (5, 33, 70, 100, torch.float16, True),  # r > 64: shrink kernels first (h, g), fused kernels store hs / gs
 ]
 
 
@@ -191,6 +210,51 @@ def test_gradients_match_reference(case, device):
             assert t.grad is not None, name
             assert_close(t.grad, ref, dtype, name)
     assert len(leaves) == 4 + bias
+
+
+@pytest.mark.parametrize("m", [9, 131], ids=["fused", "cublas_base"])
+def test_backward_reuses_forward_h(m, monkeypatch, device):
+    """Backward launches no shrink over x (hs is saved by the forward) and no separate dy @ B
+    (g comes out of the dx pass): one Triton launch, which for a decode batch also writes dA and
+    dB (else two GEMMs follow). The previous backward ran the shrink twice (g = dy B, h = x A^T
+    recomputed) around the dx kernel."""
+    x, w, b, a, bb = make(m, 40, 23, 6, torch.bfloat16, device)
+    for t in (x, a, bb):
+        t.requires_grad_(True)
+    y = tl_mod.lora_linear(x, w, b, a, bb, 0.5)
+    launches = []
+    for name in ("_launch_shrink", "_launch_fused", "_launch_term", "_launch_dropout"):
+        fn = getattr(tl_mod, name, None)
+        if fn is not None:
+            monkeypatch.setattr(tl_mod, name, lambda *args, _fn=fn, _name=name, **kw:
+                                launches.append(_name + ("+grads" if kw.get("grads") is not None else "")) or _fn(*args, **kw))
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    # decode: dx, dA and dB from the one dx launch; prefill: the LoRA-term kernel (+ cuBLAS GEMMs)
+    assert launches == ["_launch_fused+grads" if m <= tl_mod.DECODE_M else "_launch_term"], launches
+    refs = ref64_grads(x, w, b, a, bb, 0.5, dy)
+    for name, t, ref in (("dx", x, refs[0]), ("dA", a, refs[3]), ("dB", bb, refs[4])):
+        assert_close(t.grad, ref, torch.bfloat16, name)
+
+
+@pytest.mark.parametrize("case", [(5, 70, 300, 7, torch.bfloat16, 0.0), (5, 70, 300, 7, torch.bfloat16, 0.3),
+                                  (1, 33, 17, 1, torch.float32, 0.0), (40, 45, 150, 16, torch.float16, 0.25),
+                                  (16, 2049, 33, 64, torch.float32, 0.0)],
+                         ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}r{c[3]}-{str(c[4])[6:]}-p{c[5]}")
+def test_backward_one_launch_for_decode(case, device):
+    """A decode batch (one row tile, g in-tile) gets dx, dA and dB from the dx kernel alone
+    (LORA_GRADS): dB's rows are split over the programs by K step (N = 300: 3 steps of 128 over
+    3 column tiles at M = 5), dA per column tile, dropout's mask on x in dA. Against float64."""
+    m, k, n, r, dtype, p = case
+    x, w, b, a, bb = make(m, k, n, r, dtype, device)
+    seed = 77
+    hs_ref = 0.9 / (1 - p) * (x.double() * (tl_mod.dropout_mask(x, p, seed).double() if p else 1.0)) @ a.double().t()
+    dy = torch.randn(m, n, dtype=dtype, device=device)
+    dx, da, db = tl_mod.lora_linear_backward(dy, x, w, a, bb, hs_ref.to(dtype), 0.9, p, seed)
+    mask = tl_mod.dropout_mask(x, p, seed) if p else None
+    refs = ref64_grads(x, w, b, a, bb, 0.9, dy, mask, p)
+    for name, got, ref in (("dx", dx, refs[0]), ("dA", da, refs[3]), ("dB", db, refs[4])):
+        assert_close(got, ref, dtype, f"{name} {case}")
 
 
 def test_only_requested_gradients(device):
@@ -233,15 +297,16 @@ def test_dropout_mask_is_philox_and_fair(device):
     assert torch.equal(tl_mod.dropout_mask(x.view(2, 32, 257), 0.25, 123).view(64, 257), m1)
 
 
+@pytest.mark.parametrize("m", [29, 131], ids=["fused", "cublas_base"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_dropout_forward_backward_same_mask(dtype, device):
+def test_dropout_forward_backward_same_mask(dtype, m, device):
     """The op with a given seed == the reference on x * mask / (1 - p), forward and every grad."""
     p, seed = 0.3, torch.tensor([987654], dtype=torch.int64)
-    x, w, b, a, bb = make(29, 40, 23, 6, dtype, device)
+    x, w, b, a, bb = make(m, 40, 23, 6, dtype, device)
     for t in (x, w, b, a, bb):
         t.requires_grad_(True)
     mask = tl_mod.dropout_mask(x.detach(), p, int(seed))
-    y = torch.ops.lora_kernels.lora_linear(x, w, b, a, bb, 1.3, p, seed)
+    y = torch.ops.lora_kernels.lora_linear(x, w, b, a, bb, 1.3, p, seed, True)[0]
     assert_close(y, ref64(x, w, b, a, bb, 1.3, mask, p), dtype, "y (dropout)")
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -257,7 +322,7 @@ def test_dropout_in_tile_and_split_k_paths(device):
     mask = tl_mod.dropout_mask(x, p, seed)
     ref = ref64(x, w, b, a, bb, 0.8, mask, p)
     for in_tile in (True, False):
-        y = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.8, p, seed, shrink_in_tile=in_tile)
+        y, _ = tl_mod.lora_linear_forward(x, w, b, a, bb, 0.8, p, seed, shrink_in_tile=in_tile)
         assert_close(y, ref, torch.float32, f"dropout in_tile={in_tile}")
 
 
@@ -276,13 +341,17 @@ def test_opcheck(device):
     for t in (x, w, b, a, bb):
         t.requires_grad_(True)
     seed = torch.tensor([7], dtype=torch.int64)
-    torch.library.opcheck(torch.ops.lora_kernels.lora_linear.default, (x, w, b, a, bb, 0.5, 0.0, None))
-    torch.library.opcheck(torch.ops.lora_kernels.lora_linear.default, (x, w, None, a, bb, -1.0, 0.25, seed))
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear.default, (x, w, b, a, bb, 0.5, 0.0, None, True))
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear.default, (x, w, None, a, bb, -1.0, 0.25, seed, True))
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear.default, (x, w, None, a, bb, -1.0, 0.25, seed, False))
     dy = torch.randn(6, 9, device=device)
-    g = torch.ops.lora_kernels.lora_shrink(dy, bb.detach().t(), 0.0, None)
     torch.library.opcheck(torch.ops.lora_kernels.lora_shrink.default, (x.detach(), a.detach(), 0.25, seed))
-    torch.library.opcheck(torch.ops.lora_kernels.lora_linear_dx.default, (dy, w.detach(), g, a.detach(), 0.5, 0.25, seed))
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear_dx.default,
+                          (dy, w.detach(), a.detach(), bb.detach(), 0.5, 0.25, seed))
     torch.library.opcheck(torch.ops.lora_kernels.lora_dropout.default, (x.detach(), 0.25, seed))
+    hs = torch.randn(6, 3, device=device)
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear_backward.default,
+                          (dy, x.detach(), w.detach(), a.detach(), bb.detach(), hs, 0.5, 0.25, seed))
 
 
 def test_torch_compile_fullgraph(device):

@@ -8,10 +8,16 @@ reported by ``python -m lora_kernels plan``; see README "Performance"):
   least 95 % of the SMs (on an A100 the r = 64 in-tile tile fits 1 CTA per SM, so 128 CTAs take
   2 waves there: reported by the plan, not a rule);
 * HBM bytes: memory-bound cases (single-task forward, M <= 64) move within 5 % of the minimum
-  (x, W, y, A, B once) -- there bytes are time. Compute-bound cases are only guarded against
-  regressions at today's values, which miss "a few %": prefill reads x twice (the separate
-  shrink: up to 1.93x the minimum at N = 1024, where y is small), forward + backward up to 2.6x
-  (the backward re-reads x and dy: h is recomputed, not saved) -- open items of the issue;
+  (x, W, y, A, B once) -- there bytes are time -- and their forward + backward within 8 % (dA and
+  dB re-read x and dy once each: 1.07x at r = 64, N = 1024). Compute-bound cases are only guarded
+  against regressions at today's values, which miss "a few %" by design: the cuBLAS-base path
+  (M > 128) reads x once more (the LoRA-term kernel), writes y and has cuBLAS read it back as C
+  (beta = 1), all overlapped by the GEMM's compute (2.3x the minimum forward at N = 14336, 2.8x
+  forward + backward at N = 1024); the predicted time carries their cost;
+* the path: for M <= 16 the fused kernel is taken and predicted faster than the cuBLAS base +
+  LoRA-term kernel (one launch, not two); for M > 128 the cuBLAS base is taken and predicted
+  within 6 % of the fused Triton tiles (faster in most cases; A100 4096->6144 r64 M256 is 5.4 %
+  slower). M = 64 is reported, not a rule (see ``lora_linear._cublas_base``);
 * no spills, and every config the plan reads has resources for sm_90 and sm_80;
 * the committed resources match what the installed Triton compiles (when it is the same version).
 """
@@ -51,10 +57,24 @@ def test_hbm_bytes_near_the_minimum(cases):
     gpu, all_cases = cases
     for c in all_cases:
         ratio = c.hbm_bytes / c.min_bytes
-        limit = {"fwd": 1.95, "fwdbwd": 2.62, "mixed": 1.25}[c.op]  # today's values + ~1 %: regression guards
+        limit = {"fwd": 2.30, "fwdbwd": 2.86, "mixed": 1.25}[c.op]  # today's values + ~1 %: regression guards
         assert ratio <= limit, f"{c.name}: {ratio:.2f}x the minimum HBM bytes (guard {limit})"
-        if c.op == "fwd" and c.m <= 64:
-            assert ratio <= 1.05, f"{c.name}: {ratio:.3f}x the minimum HBM bytes in a memory-bound case"
+        if c.m <= 64 and c.op != "mixed":
+            assert ratio <= {"fwd": 1.05, "fwdbwd": 1.08}[c.op], f"{c.name}: {ratio:.3f}x the minimum HBM bytes in a memory-bound case"
+
+
+def test_the_path_the_plan_predicts_faster(cases):
+    """The launcher's fused-vs-cuBLAS-base choice against the plan's prediction of the other path."""
+    gpu, all_cases = cases
+    for c in all_cases:
+        if c.op == "mixed":
+            continue
+        assert c.alt_t > 0, c.name
+        if c.m <= 16:
+            assert not c.cublas_base and c.t < c.alt_t, f"{c.name}: decode should run fused ({c.t:.3g} vs {c.alt_t:.3g} s)"
+        elif c.m > 128:
+            assert c.cublas_base and c.t <= 1.06 * c.alt_t, (
+                f"{c.name} on {gpu.name}: cuBLAS base predicted {c.t / c.alt_t:.3f}x the fused tiles' time")
 
 
 def test_no_spills_and_resources_for_every_launch(cases):

@@ -360,11 +360,14 @@ def _op_samples():
     m, k, n, rank, t = 5, 12, 7, 3, 3
     samples = {
         "lora_linear": [
-            (r(m, k, grad=True), r(n, k, grad=True), r(n, grad=True), r(rank, k, grad=True), r(n, rank, grad=True), 0.5, 0.0, None),
-            (r(2, 3, k), r(n, k), None, r(rank, k, grad=True), r(n, rank, grad=True), 1.5, 0.25, torch.tensor([7])),
+            (r(m, k, grad=True), r(n, k, grad=True), r(n, grad=True), r(rank, k, grad=True), r(n, rank, grad=True), 0.5, 0.0, None,
+             True),
+            (r(2, 3, k), r(n, k), None, r(rank, k, grad=True), r(n, rank, grad=True), 1.5, 0.25, torch.tensor([7]), False),
         ],
         "lora_shrink": [(r(m, k), r(rank, k), 0.0, None), (r(m, k), r(rank, k), 0.3, torch.tensor([5]))],
-        "lora_linear_dx": [(r(m, n), r(n, k), r(m, rank), r(rank, k), 0.5, 0.0, None)],
+        "lora_linear_dx": [(r(m, n), r(n, k), r(rank, k), r(n, rank), 0.5, 0.0, None)],
+        "lora_linear_backward": [(r(m, n), r(m, k), r(n, k), r(rank, k), r(n, rank), r(m, rank), 0.5, 0.0, None),
+                                 (r(m, n), r(m, k), r(n, k), r(rank, k), r(n, rank), r(m, rank), 0.5, 0.3, torch.tensor([4]))],
         "lora_dropout": [(r(m, k), 0.3, torch.tensor([9]))],
     }
     ids = torch.tensor([2, -1, 0, 2, 1])

@@ -100,6 +100,8 @@ class Case:
     base_t: float = 0.0          # predicted cuBLAS base (fwd, or fwd + dx for fwdbwd)
     t: float = 0.0               # predicted time of all launches
     target: float = 0.0          # the DESIGN §7 ratio limit vs the base (mixed: see mixed_target)
+    cublas_base: bool = False    # single-task: the base GEMM on cuBLAS + the LoRA-term kernel
+    alt_t: float = 0.0           # single-task: predicted time of the other path (0: not computed)
 
     @property
     def name(self) -> str:
@@ -162,30 +164,58 @@ def _cdiv(a: int, b: int) -> int:
 # ---- single-task: the launchers' decisions replayed --------------------------------------------
 
 
-def _fused_launch(what, m, n, k, r, in_tile, dx=False) -> Launch:
+def _fused_launch(what, m, n, k, r, in_tile, dx=False, save=False, regime=None, grads=False) -> Launch:
+    """The fused kernel (``_lora_fused_kernel``): forward y, or dx on transposed operands (``dx``:
+    x = dy [M, N], "weight" W.T, so ``n`` is K and ``k`` is N here); ``save``: it also stores hs / gs;
+    ``grads``: dx with the LORA_GRADS epilogue (dA, dB in the same launch)."""
     from ..ops.triton import lora_linear as ll
 
-    regime = ll._fused_regime(m, ELEM)
+    regime = regime or ll._fused_regime(m, ELEM)
     cfg = ll.FUSED_CONFIGS[regime]
     br = ll._pad_rank(r) if in_tile else min(ll._expand_chunk(ELEM), ll._pad_rank(r))
     layout = "dx" if dx else "fwd"
-    variant = ("intile_r16" if br <= 16 else "intile_r64") if in_tile else "h"
+    variant = f"intile_r{16 if br <= 16 else 64}" if in_tile else "h"
+    if not dx and save and regime.startswith("decode"):
+        variant += "-save"
     if regime == "decode_s" and m == 1 and not dx:
         variant += "-m1"
-    if dx:
-        variant = "dx"
+    if grads:
+        variant += "-grads"
     grid = _cdiv(m, cfg.BM) * _cdiv(n, cfg.BN)
     rows_read = _cdiv(m, cfg.BM) * cfg.BM
     stage = (cfg.BM + cfg.BN + (br if in_tile else 0)) * cfg.BK * ELEM
-    # HBM: x once per column tile is L2-resident after the first read; W once; y once; A, B, h.
-    hbm = ELEM * (m * k + n * k + m * n + r * k + n * r) + (0 if in_tile else 4 * m * r)
+    # HBM: x once per column tile is L2-resident after the first read; W once; y once; A, B, h; hs.
+    hbm = ELEM * (m * k + n * k + m * n + r * k + n * r) + (0 if in_tile else 4 * m * r) + (ELEM * m * r if save or dx else 0)
     # L2: every column tile re-reads its x rows (and A when in-tile); every row tile re-reads W.
     l2 = _cdiv(n, cfg.BN) * (rows_read * k + (r * k if in_tile else 0)) * ELEM + _cdiv(m, cfg.BM) * n * k * ELEM
     flops = 2.0 * rows_read * n * k + 2.0 * 2 * rows_read * n * br  # base + hi/lo expand
     if in_tile:
         flops += 2.0 * rows_read * br * k * _cdiv(n, cfg.BN)
+    if grads:  # + x [m, n] and hs read, dA [r, n] and dB [k, r] written; dy re-read from L2
+        hbm += ELEM * (m * n + m * r + r * n + k * r) - ELEM * m * r
+        l2 += ELEM * m * k
+        flops += 2.0 * 2 * br * rows_read * n + 2.0 * k * rows_read * br
     return Launch(what, f"fused/{regime}/{variant}/{layout}/bf16", grid, cfg.num_warps, cfg.num_stages, stage,
                   hbm, l2, flops)
+
+
+def _term_launch(what, m, n, k, r, variant, layout) -> Launch:
+    """``_lora_term_kernel``: out [m, n] = bias + s h B^T with h = x A^T over ``k`` (forward: x; dx: dy)."""
+    from ..ops.triton import lora_linear as ll
+
+    cfg = ll._term_cfg(m, r, ELEM)
+    br = ll._pad_rank(r)
+    split = ll._term_split(m, n, cfg)
+    tiles = _cdiv(m, cfg.BM)
+    rows = tiles * cfg.BM
+    band = next(b for b, c in ll.TERM_CONFIGS.items() if c == cfg)
+    # HBM: x, A, B once, out written once, hs / gs stored. L2: each column split re-reads its x rows
+    # and A; each row tile re-reads B.
+    hbm = ELEM * (m * k + r * k + n * r + m * n + m * r)
+    l2 = split * tiles * (cfg.BM * k + r * k) * ELEM + tiles * n * r * ELEM
+    flops = 2.0 * rows * br * k * split + 2.0 * 2 * rows * n * br
+    return Launch(what, f"term/{band}/r{br}/{variant}/{layout}/bf16", tiles * split, cfg.num_warps, cfg.num_stages,
+                  (cfg.BM + br) * cfg.BK * ELEM, hbm, l2, flops)
 
 
 def _shrink_launch(what, m, k, r, use="xA") -> list[Launch]:
@@ -211,25 +241,47 @@ def _shrink_launch(what, m, k, r, use="xA") -> list[Launch]:
     return out
 
 
-def single_task(op: str, k: int, n: int, r: int, m: int) -> Case:
+def single_task(op: str, k: int, n: int, r: int, m: int, cublas_base: bool | None = None) -> Case:
+    """The launches of ``lora_linear`` (``op`` "fwd") or of its forward + backward with a frozen
+    base ("fwdbwd": dx, dA, dB), as the launchers decide them; ``cublas_base`` forces a path (the
+    plan compares both: ``alt_t`` is the other path's predicted time)."""
     from ..ops.triton import lora_linear as ll
 
     case = Case(op, k, n, r, m, target=1.05 if op == "fwd" else 1.10)
-    in_tile = ll._shrink_in_tile(m, r, False, ELEM)
-    if not in_tile:
-        case.launches += _shrink_launch("shrink h = x A^T", m, k, r)
-    case.launches.append(_fused_launch("fused y = x W^T + b + s h B^T", m, n, k, r, in_tile))
+    cublas = ll._cublas_base(m, n, r) if cublas_base is None else cublas_base
+    case.cublas_base = cublas
+    cublas_dx = ll._cublas_base(m, k, r) if cublas_base is None else cublas_base
+    save = op == "fwdbwd"
+    if cublas:  # the LoRA-term kernel writes bias + s h B^T into y, cuBLAS adds x W^T (reads y as C)
+        case.launches.append(_term_launch("LoRA term y = b + s h B^T", m, n, k, r, "save" if save else "plain", "fwd"))
+        case.launches.append(Launch("base y += x W^T (cuBLAS, beta 1)", None, 0,
+                                    hbm_bytes=ELEM * (m * k + k * n + 2 * m * n), flops=2.0 * m * n * k))
+    else:
+        in_tile = ll._shrink_in_tile(m, r, False, ELEM)
+        if not in_tile:
+            case.launches += _shrink_launch("shrink h = x A^T", m, k, r)
+        regime = None if m <= ll.DECODE_M else ll._fused_regime(m, ELEM)
+        case.launches.append(_fused_launch("fused y = x W^T + b + s h B^T", m, n, k, r, in_tile, save=save, regime=regime))
     case.min_bytes = ELEM * (m * k + n * k + m * n + r * k + n * r)
     base = [_cublas("base y = x W^T", m, n, k)]
-    if op == "fwdbwd":  # frozen base: dx only; LoRA: dA, dB too (the backward of _backward)
-        case.launches += _shrink_launch("shrink g = dy B", m, n, r, use="dyB")
-        case.launches.append(_fused_launch("fused dx = dy W + s g A", m, k, n, r, False, dx=True))
-        case.launches.append(Launch("dA = s g^T x (cuBLAS)", None, 0, hbm_bytes=ELEM * (m * k + r * k) + 4 * m * r,
-                                    flops=2.0 * m * r * k))
-        case.launches += _shrink_launch("shrink h = x A^T (recomputed)", m, k, r)
-        case.launches.append(Launch("dB = s dy^T h (cuBLAS)", None, 0, hbm_bytes=ELEM * (m * n + n * r) + 4 * m * r,
-                                    flops=2.0 * m * n * r))
-        case.launches.append(Launch("casts / scales (torch)", None, 0, hbm_bytes=3 * 4 * m * r, tensor_cores=False))
+    if op == "fwdbwd":  # frozen base: dx, dA, dB (the backward of _backward)
+        if cublas_dx:
+            case.launches.append(_term_launch("LoRA term dx = s g A (g = dy B)", m, k, n, r, "gs", "dx"))
+            case.launches.append(Launch("base dx += dy W (cuBLAS, beta 1)", None, 0,
+                                        hbm_bytes=ELEM * (m * n + n * k + 2 * m * k), flops=2.0 * m * n * k))
+        else:
+            in_tile = ll._dx_in_tile(m, r, False, ELEM)
+            regime = ll._fused_regime(m, ELEM)
+            grads = in_tile and m <= ll.FUSED_CONFIGS[regime].BM  # lora_linear_backward's one-launch case
+            if not in_tile:
+                case.launches += _shrink_launch("shrink g = dy B", m, n, r, use="dyB")
+            what = "fused dx, dA, dB (one row tile)" if grads else "fused dx = dy W + s g A"
+            case.launches.append(_fused_launch(what, m, k, n, r, in_tile, dx=True, regime=regime, grads=grads))
+        if cublas_dx or not grads:
+            case.launches.append(Launch("dA = gs^T x (cuBLAS)", None, 0, hbm_bytes=ELEM * (m * k + r * k + m * r),
+                                        flops=2.0 * m * r * k))
+            case.launches.append(Launch("dB = dy^T hs (cuBLAS)", None, 0, hbm_bytes=ELEM * (m * n + n * r + m * r),
+                                        flops=2.0 * m * n * r))
         base.append(_cublas("base dx = dy W", m, k, n))
         case.min_bytes += ELEM * (m * n + n * k + m * k + r * k + n * r)  # dy, W, dx, dA, dB
     case._base = base
@@ -296,13 +348,17 @@ def _finish(case: Case, gpu: GPU) -> Case:
 
 
 def plan(gpu: GPU) -> list[Case]:
-    """Every benchmark case on ``gpu``, with predicted times (see the module docstring)."""
+    """Every benchmark case on ``gpu``, with predicted times (see the module docstring). Single-task
+    cases carry ``alt_t``: the predicted time of the path the launcher did not take (fused Triton
+    vs cuBLAS base + LoRA-term kernel)."""
     cases = []
     for k, n in SHAPES:
         for r in RANKS:
             for m in TOKENS:
-                cases.append(_finish(single_task("fwd", k, n, r, m), gpu))
-                cases.append(_finish(single_task("fwdbwd", k, n, r, m), gpu))
+                for op in ("fwd", "fwdbwd"):
+                    case = _finish(single_task(op, k, n, r, m), gpu)
+                    case.alt_t = _finish(single_task(op, k, n, r, m, cublas_base=not case.cublas_base), gpu).t
+                    cases.append(case)
     for m in (16, 64, 256, 2048):
         t = min(m, MIXED_TASKS)
         case = _finish(mixed(4096, 4096, 16, m, t), gpu)
@@ -321,7 +377,9 @@ def plan_rows(gpu: GPU) -> list[dict]:
                      "ctas_per_sm": "/".join(str(launch.ctas_per_sm) for launch in c.launches if launch.config),
                      "waves": max((launch.waves for launch in c.launches if launch.config), default=0),
                      "bytes_vs_min": c.hbm_bytes / c.min_bytes, "pred_us": c.t * 1e6, "base_us": c.base_t * 1e6,
-                     "ratio": c.ratio, "target": c.target, "met": c.ratio <= c.target})
+                     "ratio": c.ratio, "target": c.target, "met": c.ratio <= c.target,
+                     "path": "mixed" if c.op == "mixed" else "cuBLAS+term" if c.cublas_base else "fused",
+                     "alt_ratio": c.alt_t / c.base_t if c.alt_t else None})
     return rows
 
 
@@ -333,12 +391,13 @@ def report(gpus=("H200-SXM", "H100-SXM", "A100-SXM-80GB"), detail: bool = False)
         rows = plan_rows(gpu)
         met = sum(r["met"] for r in rows)
         lines.append(f"== {name}: {met}/{len(rows)} cases meet their target (predicted)")
-        lines.append(f"{'case':<34} {'kern':>4} {'grid':>16} {'CTA/SM':>8} {'waves':>5} {'bytes/min':>9} "
-                     f"{'pred us':>9} {'base us':>9} {'ratio':>6} {'target':>6}")
+        lines.append(f"{'case':<34} {'path':>11} {'kern':>4} {'grid':>16} {'CTA/SM':>8} {'waves':>5} {'bytes/min':>9} "
+                     f"{'pred us':>9} {'base us':>9} {'ratio':>6} {'other':>6} {'target':>6}")
         for r in rows:
-            lines.append(f"{r['case']:<34} {r['kernels']:>4} {r['grid'][:16]:>16} {r['ctas_per_sm'][:8]:>8} {r['waves']:>5} "
-                         f"{r['bytes_vs_min']:>9.3f} {r['pred_us']:>9.1f} {r['base_us']:>9.1f} {r['ratio']:>6.2f} "
-                         f"{r['target']:>6.2f}{'' if r['met'] else '  MISS'}")
+            alt = f"{r['alt_ratio']:>6.2f}" if r["alt_ratio"] else f"{'':>6}"
+            lines.append(f"{r['case']:<34} {r['path']:>11} {r['kernels']:>4} {r['grid'][:16]:>16} {r['ctas_per_sm'][:8]:>8} "
+                         f"{r['waves']:>5} {r['bytes_vs_min']:>9.3f} {r['pred_us']:>9.1f} {r['base_us']:>9.1f} {r['ratio']:>6.2f} "
+                         f"{alt} {r['target']:>6.2f}{'' if r['met'] else '  MISS'}")
         if detail:
             for c in plan(gpu):
                 lines.append(f"-- {c.name}")
