@@ -200,11 +200,14 @@ def _fused_kernel(
     stride_bt, stride_bn, stride_br, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, GATHER: tl.constexpr,
 ):
     """y[order[p], n] = x[order[p]] @ W[n] + b[n] + h[p] @ B[t_p, n] for a [BLOCK_M, BLOCK_N] tile.
 
     Shape (as strides): x [M, K], W [N, K], h [M, R] fp32 (sorted rows), B [T, N, R], y [M, N].
+    ``GATHER``: the LoRA term as a per-row gathered expand (every row loads its own task's
+    [BLOCK_N, BLOCK_R] slice of B, fp32 FMAs, ceil(R / BLOCK_R) steps for any task mix); else one
+    MMA per task segment of the tile (long segments).
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -240,45 +243,71 @@ def _fused_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
 
-    # LoRA expand: one MMA per task segment intersecting the tile, reading only that task's B_t.
-    t_first = tl.load(sid_ptr + p0)
-    t_last = tl.load(sid_ptr + p1 - 1)
-    offs_r = tl.arange(0, BLOCK_R)
-    for t in range(tl.maximum(t_first, 0), t_last + 1):
-        lo = tl.load(seg_ptr + t)
-        hi = tl.load(seg_ptr + t + 1)
+    if GATHER:
+        # Short segments (decode, small M): a per-row expand with a fixed trip count, whatever
+        # the number of tasks in the tile. Row p reads only B[t_p] (rows of other tasks, -1 rows
+        # and rank padding load nothing: a non-finite adapter cannot reach them), so each task's
+        # B slice is read from HBM once per column tile -- the byte floor -- and the loads of all
+        # rows are issued together instead of one segment after another.
+        t_rows = tl.load(sid_ptr + offs_p, mask=p_mask, other=-1)
+        tt = tl.maximum(t_rows, 0).to(tl.int64)
         if HAS_RANKS:
-            r_t = tl.minimum(tl.maximum(tl.load(rank_ptr + t), 0), R)  # clamped: never past the stacks
+            r_rows = tl.minimum(tl.maximum(tl.load(rank_ptr + tt, mask=t_rows >= 0, other=0), 0), R)
         else:
-            r_t = R
-        if hi > lo:
-            in_seg = (offs_p >= lo) & (offs_p < hi)
-            h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_r[None, :].to(tl.int64) * stride_hr
-            b_ptrs = (b_ptr + tl.cast(t, tl.int64) * stride_bt + offs_r[:, None].to(tl.int64) * stride_br
-                      + offs_n[None, :].to(tl.int64) * stride_bn)
-            if (lo <= p0) & (hi >= p1):
-                # The whole tile is this task's (long segments: most prefill tiles): straight
-                # into the one accumulator.
-                for r0 in range(0, r_t, BLOCK_R):
-                    r_mask = offs_r < r_t - r0
-                    ht = tl.load(h_ptrs, mask=p_mask[:, None] & r_mask[None, :], other=0.0)
-                    bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                    acc = _mma_f32a(ht, bt, acc, PRECISION, INTERPRET)
-                    h_ptrs += BLOCK_R * stride_hr
-                    b_ptrs += BLOCK_R * stride_br
+            r_rows = tl.full((BLOCK_M,), R, tl.int32)
+        r_rows = tl.where(t_rows >= 0, r_rows, 0)
+        r_hi = tl.max(r_rows, axis=0)  # the tile's largest rank: padding past it is never read
+        offs_g = tl.arange(0, BLOCK_R)
+        h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_g[None, :].to(tl.int64) * stride_hr
+        b_ptrs = (b_ptr + tt[:, None, None] * stride_bt + offs_n[None, :, None].to(tl.int64) * stride_bn
+                  + offs_g[None, None, :].to(tl.int64) * stride_br)
+        for r0 in range(0, r_hi, BLOCK_R):
+            r_in = (offs_g[None, :] < r_rows[:, None] - r0)                    # [BM, BR]
+            ht = tl.load(h_ptrs, mask=r_in, other=0.0)
+            bt = tl.load(b_ptrs, mask=r_in[:, None, :] & n_mask[None, :, None], other=0.0)
+            acc += tl.sum(ht[:, None, :] * bt.to(tl.float32), axis=2)       # fp32 FMAs: h keeps its bits
+            h_ptrs += BLOCK_R * stride_hr
+            b_ptrs += BLOCK_R * stride_br
+    else:
+        # LoRA expand: one MMA per task segment intersecting the tile, reading only that task's B_t.
+        t_first = tl.load(sid_ptr + p0)
+        t_last = tl.load(sid_ptr + p1 - 1)
+        offs_r = tl.arange(0, BLOCK_R)
+        for t in range(tl.maximum(t_first, 0), t_last + 1):
+            lo = tl.load(seg_ptr + t)
+            hi = tl.load(seg_ptr + t + 1)
+            if HAS_RANKS:
+                r_t = tl.minimum(tl.maximum(tl.load(rank_ptr + t), 0), R)  # clamped: never past the stacks
             else:
-                # Rows of other segments (and -1 rows) must gain nothing, not 0 * B_t: a
-                # non-finite B_t would turn their h = 0 into NaN. The segment's term is
-                # accumulated apart and selected into its rows only.
-                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for r0 in range(0, r_t, BLOCK_R):
-                    r_mask = offs_r < r_t - r0
-                    ht = tl.load(h_ptrs, mask=in_seg[:, None] & r_mask[None, :], other=0.0)
-                    bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                    part = _mma_f32a(ht, bt, part, PRECISION, INTERPRET)
-                    h_ptrs += BLOCK_R * stride_hr
-                    b_ptrs += BLOCK_R * stride_br
-                acc = tl.where(in_seg[:, None], acc + part, acc)
+                r_t = R
+            if hi > lo:
+                in_seg = (offs_p >= lo) & (offs_p < hi)
+                h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_r[None, :].to(tl.int64) * stride_hr
+                b_ptrs = (b_ptr + tl.cast(t, tl.int64) * stride_bt + offs_r[:, None].to(tl.int64) * stride_br
+                          + offs_n[None, :].to(tl.int64) * stride_bn)
+                if (lo <= p0) & (hi >= p1):
+                    # The whole tile is this task's (long segments: most prefill tiles): straight
+                    # into the one accumulator.
+                    for r0 in range(0, r_t, BLOCK_R):
+                        r_mask = offs_r < r_t - r0
+                        ht = tl.load(h_ptrs, mask=p_mask[:, None] & r_mask[None, :], other=0.0)
+                        bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                        acc = _mma_f32a(ht, bt, acc, PRECISION, INTERPRET)
+                        h_ptrs += BLOCK_R * stride_hr
+                        b_ptrs += BLOCK_R * stride_br
+                else:
+                    # Rows of other segments (and -1 rows) must gain nothing, not 0 * B_t: a
+                    # non-finite B_t would turn their h = 0 into NaN. The segment's term is
+                    # accumulated apart and selected into its rows only.
+                    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    for r0 in range(0, r_t, BLOCK_R):
+                        r_mask = offs_r < r_t - r0
+                        ht = tl.load(h_ptrs, mask=in_seg[:, None] & r_mask[None, :], other=0.0)
+                        bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                        part = _mma_f32a(ht, bt, part, PRECISION, INTERPRET)
+                        h_ptrs += BLOCK_R * stride_hr
+                        b_ptrs += BLOCK_R * stride_br
+                    acc = tl.where(in_seg[:, None], acc + part, acc)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=p_mask[:, None] & n_mask[None, :])
 
@@ -376,6 +405,21 @@ class FusedConfig(NamedTuple):
 FUSED_BLOCK_R = 16
 
 
+#: At most this many rows: the fused kernel's LoRA term is the per-row gathered expand (fixed trip
+#: count, all rows' B loads in flight together); above it, one MMA per task segment of the tile
+#: (prefill: long segments make most tiles single-task, and the MMA runs on tensor cores).
+GATHER_MAX_M = 128
+#: Elements of the gathered [BLOCK_M, BLOCK_N, BLOCK_R] B tile per step: 8192 / 128 threads = 64
+#: fp32 values each (AOT: no spills next to the base GEMM's pipeline).
+GATHER_TILE = 8192
+
+
+def _gather_r(cfg: "FusedConfig") -> int:
+    """Rank chunk of the gathered expand: as much of the rank per step as GATHER_TILE allows (16 at
+    the 16 x 32 decode tile: one step for r <= 16)."""
+    return max(1, min(16, GATHER_TILE // (cfg.block_m * cfg.block_n)))
+
+
 def _aligned(*strides: int) -> bool:
     """Whether the JIT will see every non-unit stride divisible by 16 (vectorized 16-byte loads)."""
     return all(s == 1 or s % 16 == 0 for s in strides)
@@ -461,13 +505,15 @@ def _fused(x: Tensor, w_strides, w: Tensor, n: int, bias: Tensor | None, h: Tens
         return y
     aligned = _aligned(x.stride(0), x.stride(1), *w_strides, *b_strides, y.stride(0))
     cfg = _fused_config(m, x.element_size(), aligned)
+    gather = m <= GATHER_MAX_M
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _fused_kernel[grid](
         x, w, bias if bias is not None else x, h, b, y, order, sorted_ids, seg_off,
         ranks if ranks is not None else sorted_ids, m, n, k, r,
         x.stride(0), x.stride(1), *w_strides, h.stride(0), h.stride(1), *b_strides, y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None, PRECISION=_PRECISION[x.dtype], INTERPRET=_interpret(),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=FUSED_BLOCK_R, GROUP_M=8,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_R=_gather_r(cfg) if gather else FUSED_BLOCK_R, GROUP_M=8, GATHER=gather,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
@@ -692,8 +738,11 @@ _ARGS = {
 _LAYOUTS = {  # (kernel, use): (unit strides, strides divisible by 16)
     ("shrink", "xA"): ("stride_xk stride_ak stride_hr", "stride_xm stride_at stride_ar"),   # x @ A_t.T
     ("shrink", "dyB"): ("stride_xk stride_ar stride_hr", "stride_xm stride_at"),            # dy @ B_t
-    ("fused", "fwd"): ("stride_xk stride_wk stride_hr stride_br stride_yn", "stride_xm stride_wn stride_bt stride_ym"),
-    ("fused", "dx"): ("stride_xk stride_wn stride_hr stride_bn stride_yn", "stride_xm stride_wk stride_bt stride_br stride_ym"),
+    # h [M, R] and B [T, N, R] contiguous: stride_hm = stride_bn = R, a multiple of 16 when R is.
+    ("fused", "fwd"): ("stride_xk stride_wk stride_hr stride_br stride_yn",
+                       "stride_xm stride_wn stride_hm stride_bt stride_bn stride_ym"),
+    ("fused", "dx"): ("stride_xk stride_wn stride_hr stride_bn stride_yn",
+                      "stride_xm stride_wk stride_hm stride_bt stride_br stride_ym"),
     ("segsum", "dA"): ("stride_pr stride_qd stride_od", "stride_qm stride_os stride_ot stride_or"),
     ("segsum", "dB"): ("stride_pr stride_qd stride_or", "stride_qm stride_os stride_ot"),
 }
@@ -763,10 +812,12 @@ def _all_configs():
                             if br != FUSED_BLOCK_R:
                                 continue
                             cfg = _fused_config(m, elem, aligned)
+                            gather = m <= GATHER_MAX_M
                             sig, cx = _signature(_fused_kernel, tt, ("fused", use),
                                                  {"HAS_BIAS": use == "fwd", "HAS_RANKS": has_ranks, "PRECISION": prec,
                                                   "INTERPRET": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                                                  "BLOCK_R": FUSED_BLOCK_R, "GROUP_M": 8}, aligned, m)
+                                                  "BLOCK_R": _gather_r(cfg) if gather else FUSED_BLOCK_R, "GROUP_M": 8,
+                                                  "GATHER": gather}, aligned, m)
                             yield (f"fused/m{cfg.block_m}/{use}/{tag}", _fused_kernel, sig, cx, cfg.num_warps,
                                    cfg.num_stages, cfg.block_m >= 64 and elem == 2)
                     for use in ("dA", "dB"):
