@@ -414,10 +414,22 @@ GATHER_MAX_M = 128
 GATHER_TILE = 8192
 
 
-def _gather_r(cfg: "FusedConfig") -> int:
-    """Rank chunk of the gathered expand: as much of the rank per step as GATHER_TILE allows (16 at
-    the 16 x 32 decode tile: one step for r <= 16)."""
-    return max(1, min(16, GATHER_TILE // (cfg.block_m * cfg.block_n)))
+def _gather_r(cfg: "FusedConfig", aligned: bool = True) -> int:
+    """Rank chunk of the gathered expand: as much of the rank per step as GATHER_TILE per 4 warps
+    allows (16 at the 16 x 32 decode tile: one step for r <= 16). Odd strides load element by
+    element (a 64-bit address each): a quarter of the tile (AOT: the full one spilled 32-976 B)."""
+    tile = GATHER_TILE * cfg.num_warps // 4 // (1 if aligned else 4)
+    return max(1, min(16, tile // (cfg.block_m * cfg.block_n)))
+
+
+def _use_gather(m: int, short: bool) -> bool:
+    """Gathered per-row expand (fixed trip count) or one MMA per segment of a tile (long segments)."""
+    return m <= GATHER_MAX_M or (short and GATHER_SHORT_SEGMENTS)
+
+
+#: Short segments above GATHER_MAX_M rows (e.g. 256 rows over 64 tasks) take the gathered expand
+#: too: a 128-row tile then holds ~32 segments, which the per-segment loop walks one by one.
+GATHER_SHORT_SEGMENTS = True
 
 
 def _aligned(*strides: int) -> bool:
@@ -435,8 +447,10 @@ def _fused_config(m: int, elem: int, aligned: bool = True) -> FusedConfig:
         return FusedConfig(64, 32, 32, 4, 3)
     if m <= 16:  # decode: memory-bound GEMV-like; narrow N tiles give >= 128 CTAs for N = 4096
         return FusedConfig(16, 32, 128, 4, 3)  # 4 stages spilled 8 B on sm_80 next to the segment term
-    if m <= 128:  # 64 x 32: 128 CTAs at N = 4096 fill an H200's 132 SMs (64 x 64 gave 64);
-        return FusedConfig(64, 32, 64, 4, 2)  # 3 stages spilled 16 B on Triton 3.6 / sm_80
+    if m <= 128:  # 64 x 32: 128 CTAs at N = 4096 fill an H200's 132 SMs (64 x 64 gave 64). Memory-
+        # bound: 2 stages of 24 KB in flight per CTA keep ~3 MB in flight (HBM latency x bandwidth);
+        # 8 warps give the gathered expand 8 rank columns per step (2 steps at r = 16). AOT: no spills.
+        return FusedConfig(64, 32, 128, 8, 3)
     # A tile shared by several segments holds a second [BM, BN] fp32 term (see the kernel): at
     # 128 x 128 that spilled 112-352 B (AOT, sm_80 / sm_90); 128 x 64 over 8 warps fits.
     return FusedConfig(128, 64, 64, 8, 3)
@@ -448,19 +462,60 @@ def _block_r(r: int, elem: int = 2) -> int:
     return max(16, min(64 if elem == 2 else 32, triton.next_power_of_2(r)))
 
 
-def _shrink_tile(m: int, elem: int, aligned: bool = True) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the SGMV shrink: 64-row tiles (wgmma-sized)
-    once segments are long, 32 below; fp32 (FMA) and odd strides keep 32-row tiles."""
+def _shrink_tile(m: int, elem: int, aligned: bool = True, block_r: int = 64) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the SGMV shrink. A GEMV-like pass over x (r is
+    tiny): what counts is bytes in flight, so 32-row tiles (twice the programs of 64: 64 at M = 2048)
+    with 3 stages of 12 KB in flight at r <= 16; r-blocks of 64 keep BK = 64 (BK = 128 spilled 12 B
+    on sm_90, AOT) and take 64-row (wgmma-sized) tiles once segments are long. fp32 (FMA) and odd
+    strides keep small tiles."""
     if elem == 4:  # FMA dot: BK = 32 / 3 stages spill 8-48 B on sm_80 (AOT)
         return 32, 16, 4, 2
     if not aligned:
         return 32, 32, 4, 3
+    if block_r <= 16:
+        return 32, 128, 4, 4
     return (64 if m >= 1024 else 32), 64, 4, 3
 
 
-def _bgmv_block_k(block_r: int) -> int:
-    # The [BLOCK_R, BLOCK_K] A_t tile lives in registers: 4096 elements / 128 threads = 32 each.
-    return min(256, 4096 // block_r)
+#: Elements of the [BLOCK_R, BLOCK_K] A_t tile one BGMV program loads per K step (bf16: 8192 / 128
+#: threads = 64 values each, AOT: no spills). fp32 tiles hold half as many.
+BGMV_TILE = 8192
+#: Programs the BGMV shrink aims for: enough to keep every SM's loads in flight (132 SMs).
+BGMV_PROGRAMS = 512
+
+
+def _bgmv_programs() -> int:
+    """BGMV_PROGRAMS on a GPU; 1 under the Triton interpreter, which runs programs one after another
+    in Python (no loads in flight to gain, ~8x the test time): one program per row there.
+    ``test_bgmv_rank_split`` runs the GPU's split through the interpreter."""
+    return 1 if _interpret() else BGMV_PROGRAMS
+
+
+def _bgmv_tile(m: int, r: int, r_unit_stride: bool, elem: int, aligned: bool = True, k: int = 4096,
+               programs: int = BGMV_PROGRAMS) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_K) of the per-row shrink.
+
+    One program owns one (row, r-block): a sum over K in a fixed order, so h is deterministic
+    (no split-K atomics). What limits a GEMV on a GPU is bytes in flight per round trip: with one
+    program per row (decode: 16 programs) and a 16 x 256 tile, K = 4096 took 16 dependent round
+    trips. So the rank is split over programs (BLOCK_R down to 1: ~BGMV_PROGRAMS programs) and
+    each program loads a long K slice per step (BLOCK_R * BLOCK_K = BGMV_TILE): at K <= 4096 a
+    row's slice of A_t arrives in one round trip. x rows are re-read per r-block (from L2).
+    ``r_unit_stride`` (dy @ B_t: B's rank is its contiguous dim): whole rank rows per program,
+    so loads stay coalesced along r.
+    """
+    full = _block_r(r, elem) if aligned else 16  # odd strides: [BM, 64] tiles from scalar loads spill
+    if r_unit_stride:
+        br = full
+    else:
+        want = m * triton.next_power_of_2(max(r, 1)) // programs
+        br = max(1, min(full, triton.next_power_of_2(want) if want > 1 else 1))
+    return br, _bgmv_block_k(br, elem, k)
+
+
+def _bgmv_block_k(block_r: int, elem: int, k: int = 4096) -> int:
+    # K <= 4096 in one step from BLOCK_R <= 2 on; never wider than K (masked lanes cost registers)
+    return min(4096, (BGMV_TILE if elem == 2 else BGMV_TILE // 2) // block_r, max(16, triton.next_power_of_2(k)))
 
 
 def _segsum_tile(elem: int) -> tuple[int, int, int, int]:
@@ -482,12 +537,13 @@ def _shrink(x: Tensor, a_strides, a: Tensor, scales: Tensor, ranks: Tensor | Non
     br = _block_r(r, elem) if aligned else 16  # odd strides: [BM, 64] tiles from scalar loads spill
     rk = ranks if ranks is not None else sorted_ids  # dummy pointer when HAS_RANKS is False
     if bgmv:
+        br, bk = _bgmv_tile(m, r, a_strides[1] == 1, elem, aligned, k, _bgmv_programs())
         _shrink_bgmv_kernel[(m, triton.cdiv(r, br))](
             x, a, scales, h, order, sorted_ids, rk, m, k, r,
             x.stride(0), x.stride(1), *a_strides, h.stride(0), h.stride(1),
-            HAS_RANKS=ranks is not None, BLOCK_K=_bgmv_block_k(br), BLOCK_R=br, num_warps=4, num_stages=1)
+            HAS_RANKS=ranks is not None, BLOCK_K=bk, BLOCK_R=br, num_warps=4, num_stages=1)
     else:
-        bm, bk, nw, ns = _shrink_tile(m, elem, aligned)
+        bm, bk, nw, ns = _shrink_tile(m, elem, aligned, br)
         _shrink_sgmv_kernel[(triton.cdiv(m, bm), triton.cdiv(r, br))](
             x, a, scales, h, order, sorted_ids, seg_off, rk, m, k, r,
             x.stride(0), x.stride(1), *a_strides, h.stride(0), h.stride(1),
@@ -497,15 +553,16 @@ def _shrink(x: Tensor, a_strides, a: Tensor, scales: Tensor, ranks: Tensor | Non
 
 
 def _fused(x: Tensor, w_strides, w: Tensor, n: int, bias: Tensor | None, h: Tensor, b_strides, b: Tensor,
-           ranks: Tensor | None, order: Tensor, sorted_ids: Tensor, seg_off: Tensor, r: int) -> Tensor:
-    """y [M, n] = x @ W.T + bias + per-segment h @ B_t.T, with W (n, k) and B (t, n, r) given by strides."""
+           ranks: Tensor | None, order: Tensor, sorted_ids: Tensor, seg_off: Tensor, r: int, short: bool) -> Tensor:
+    """y [M, n] = x @ W.T + bias + per-segment h @ B_t.T, with W (n, k) and B (t, n, r) given by strides.
+    ``short``: the batch's task segments are short (the BGMV rule): the gathered expand at any M."""
     m, k = x.shape
     y = _empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
     aligned = _aligned(x.stride(0), x.stride(1), *w_strides, *b_strides, y.stride(0))
     cfg = _fused_config(m, x.element_size(), aligned)
-    gather = m <= GATHER_MAX_M
+    gather = _use_gather(m, short)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _fused_kernel[grid](
         x, w, bias if bias is not None else x, h, b, y, order, sorted_ids, seg_off,
@@ -513,7 +570,7 @@ def _fused(x: Tensor, w_strides, w: Tensor, n: int, bias: Tensor | None, h: Tens
         x.stride(0), x.stride(1), *w_strides, h.stride(0), h.stride(1), *b_strides, y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None, PRECISION=_PRECISION[x.dtype], INTERPRET=_interpret(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        BLOCK_R=_gather_r(cfg) if gather else FUSED_BLOCK_R, GROUP_M=8, GATHER=gather,
+        BLOCK_R=_gather_r(cfg, aligned) if gather else FUSED_BLOCK_R, GROUP_M=8, GATHER=gather,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
@@ -562,7 +619,8 @@ def _op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: 
     r = lora_a.shape[1]
     h = _shrink(x, _a_as_rk(lora_a), lora_a, scales, ranks, order, sorted_ids, seg_off, r, bgmv)
     w_strides = (weight.stride(0), weight.stride(1))
-    y = _fused(x, w_strides, weight, weight.shape[0], bias, h, _b_as_nr(lora_b), lora_b, ranks, order, sorted_ids, seg_off, r)
+    y = _fused(x, w_strides, weight, weight.shape[0], bias, h, _b_as_nr(lora_b), lora_b, ranks, order, sorted_ids, seg_off, r,
+               bgmv)
     return y, h
 
 
@@ -587,7 +645,8 @@ def _bwd_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tenso
     if need_dx:
         # dx = dy @ W + g @ A_t: the fused kernel with W read as (k, n) and A_t as (t, k, r).
         dx = _fused(dy, (weight.stride(1), weight.stride(0)), weight, k, None, g,
-                    (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), lora_a, ranks, order, sorted_ids, seg_off, r)
+                    (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), lora_a, ranks, order, sorted_ids, seg_off, r,
+                    bgmv)
     da = db = empty
     if need_dlora:
         da = _segsum(g, x, order, seg_off, ranks, t, r, transpose_out=False, out_dtype=lora_a.dtype)
@@ -798,27 +857,33 @@ def _all_configs():
                         continue
                     tag = f"{tt}/r{br}/ranks{int(has_ranks)}/{'k16' if aligned else 'odd'}"
                     for use in ("xA", "dyB"):
-                        sig, cx = _signature(_shrink_bgmv_kernel, tt, ("shrink", use),
-                                             {"HAS_RANKS": has_ranks, "BLOCK_K": _bgmv_block_k(br), "BLOCK_R": br}, aligned)
-                        yield f"shrink_bgmv/{use}/{tag}", _shrink_bgmv_kernel, sig, cx, 4, 1, False
+                        # BLOCK_R: the whole rank block (dyB) or, for x @ A_t.T, every split from one
+                        # rank row per program up to it (1..16 with the r16 block, 32..64 with r64)
+                        full = br if aligned else 16
+                        splits = [full] if use == "dyB" else [b for b in (1, 2, 4, 8, 16, 32, 64)
+                                                              if b <= full and (b > 16) == (full > 16)]
+                        for b_r in splits:
+                            b_k = _bgmv_block_k(b_r, elem)
+                            sig, cx = _signature(_shrink_bgmv_kernel, tt, ("shrink", use),
+                                                 {"HAS_RANKS": has_ranks, "BLOCK_K": b_k, "BLOCK_R": b_r}, aligned)
+                            yield f"shrink_bgmv/{use}/{tag}/br{b_r}", _shrink_bgmv_kernel, sig, cx, 4, 1, False
                         for m in (64, 4096):
-                            bm, bk, nw, ns = _shrink_tile(m, elem, aligned)
+                            bm, bk, nw, ns = _shrink_tile(m, elem, aligned, br if aligned else 16)
                             sig, cx = _signature(_shrink_sgmv_kernel, tt, ("shrink", use),
                                                  {"HAS_RANKS": has_ranks, "PRECISION": prec, "INTERPRET": False, "BLOCK_M": bm, "BLOCK_K": bk,
                                                   "BLOCK_R": br if aligned else 16}, aligned)
                             yield f"shrink_sgmv/m{bm}/{use}/{tag}", _shrink_sgmv_kernel, sig, cx, nw, ns, False
                     for use in ("fwd", "dx"):
-                        for m in (1, 64, 4096):
+                        for m, gather in ((1, True), (64, True), (4096, False), (4096, True)):
                             if br != FUSED_BLOCK_R:
                                 continue
                             cfg = _fused_config(m, elem, aligned)
-                            gather = m <= GATHER_MAX_M
                             sig, cx = _signature(_fused_kernel, tt, ("fused", use),
                                                  {"HAS_BIAS": use == "fwd", "HAS_RANKS": has_ranks, "PRECISION": prec,
                                                   "INTERPRET": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                                                  "BLOCK_R": _gather_r(cfg) if gather else FUSED_BLOCK_R, "GROUP_M": 8,
+                                                  "BLOCK_R": _gather_r(cfg, aligned) if gather else FUSED_BLOCK_R, "GROUP_M": 8,
                                                   "GATHER": gather}, aligned, m)
-                            yield (f"fused/m{cfg.block_m}/{use}/{tag}", _fused_kernel, sig, cx, cfg.num_warps,
+                            yield (f"fused/m{cfg.block_m}{'/gather' if gather else ''}/{use}/{tag}", _fused_kernel, sig, cx, cfg.num_warps,
                                    cfg.num_stages, cfg.block_m >= 64 and elem == 2)
                     for use in ("dA", "dB"):
                         bm, bd, nw, ns = _segsum_tile(elem)
