@@ -17,15 +17,20 @@ sync) is needed, which is what lets ``torch.compile`` trace the op with raw ids.
 
 Kernels (this file stacks kernels -> launchers -> custom ops + fakes -> autograd):
 
-``_shrink_bgmv_kernel``  h[p] = s_t * x[order[p]] @ A_t.T, one program per row (GEMV on CUDA
-                         cores). Decode: a row's A_t is the only thing read, nothing is padded
-                         to a 16-row MMA tile when every row has its own task.
+``_shrink_bgmv_kernel``  h[p] = s_t * x[order[p]] @ A_t.T, one program per (row, rank block)
+                         (GEMV on CUDA cores). Decode: a row's A_t is the only thing read, nothing
+                         is padded to a 16-row MMA tile when every row has its own task; the rank
+                         is split over programs and each loads a long K slice per step, so the
+                         grid keeps enough loads in flight (see ``_bgmv_tile``).
 ``_shrink_sgmv_kernel``  the same over BLOCK_M consecutive sorted rows with ``tl.dot``, looping
                          over the (few) task segments that intersect the tile. Prefill: long
                          segments make almost every tile single-task.
-``_fused_kernel``        y tile = x @ W.T + b (shared base GEMM, every row) plus, per segment in
-                         the tile, h_seg @ B_t.T -- base and LoRA in one output tile, y written
-                         once (scattered back to original rows). A tile inside one segment
+``_fused_kernel``        y tile = x @ W.T + b (shared base GEMM, every row) plus the LoRA term --
+                         base and LoRA in one output tile, y written once (scattered back to
+                         original rows). Short segments (M <= 128 or the BGMV rule): a gathered
+                         per-row expand, every row loading its own task's B slice, with a fixed
+                         number of steps however many tasks share the tile. Long segments: per
+                         segment in the tile, h_seg @ B_t.T on tensor cores. A tile inside one segment
                          adds its term straight into the accumulator; a tile that several
                          segments share computes each segment's term apart and selects it into
                          that segment's rows only, so a non-finite adapter never reaches other
@@ -44,7 +49,8 @@ dA_t = g_seg.T @ x_seg and dB_t = dy_seg.T @ h_seg are segment sums. dW = dy.T @
 plain torch (cuBLAS is already at the floor for that GEMM) and only computed when needed.
 
 Precision: fp32 accumulate everywhere; h = x @ A.T stays fp32 in memory (it is [M, r], tiny) and
-enters the 16-bit expand MMA as hi + lo halves (two MMAs), so its fp32 precision survives. fp32 inputs use
+enters the 16-bit expand MMA as hi + lo halves (two MMAs), or the gathered expand's fp32 FMAs, so its
+fp32 precision survives. fp32 inputs use
 ``input_precision="ieee"`` (no TF32) so fp32 matches torch's default numerics.
 
 Ranks: the stacks are zero-padded to the largest rank R. Passing ``ranks`` ([T] int32, the true
@@ -365,7 +371,7 @@ def _segsum_kernel(
 # Configs and launchers
 # ----------------------------------------------------------------------------------------------
 
-#: At most this many rows: the shrink runs BGMV-style (one program per row). A 16-row MMA tile
+#: At most this many rows: the shrink runs BGMV-style (programs per row, see _bgmv_tile). A 16-row MMA tile
 #: of a decode batch with distinct tasks holds one useful row in 16; the GEMV reads the same
 #: bytes (A_t) without the idle lanes. Above it, or when segments are long, SGMV tiles win.
 BGMV_MAX_M = 64
