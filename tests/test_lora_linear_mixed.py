@@ -169,6 +169,30 @@ def test_gathered_and_segmented_expand_agree(monkeypatch, m, t):
     assert err[0] <= err[1] * 1.01 + 1e-6, err
 
 
+def test_short_segments_above_gather_max_m(monkeypatch):
+    """150 rows over 40 tasks (mean segment < BGMV_MAX_MEAN_SEGMENT): the gathered expand on the
+    128-row prefill tile (K, N, r multiples of 16: the aligned bf16 config, 2 rank columns per step),
+    forward and backward vs float64; an Inf in one task's B stays in that task's rows."""
+    dtype = torch.bfloat16
+    m, t = 150, 40
+    used = []
+    gather_r = mixed._gather_r
+    monkeypatch.setattr(mixed, "_gather_r", lambda cfg, aligned=True: used.append((cfg.block_m, aligned)) or gather_r(cfg, aligned))
+    args, gen = make_case(m, 48, 32, [16] + [int(i % 5) + 1 for i in range(t - 1)], dtype, seed=9)
+    ids = task_ids("random-1", m, t, gen)
+    routing = Routing(ids, t)
+    check_against_reference(args, routing, dtype, what="short segments, M 150")
+    assert (128, True) in used, used  # forward and dx took the gathered expand on the 128-row tile
+    x, w, b, a, bb, scales = args
+    bb = bb.clone()
+    bb[3, 7, 0] = float("inf")
+    y = mixed.lora_linear_mixed(x, w, b, a, bb, scales, routing)
+    y_ref = reference.lora_linear_mixed(*(v.double() for v in (x, w, b, a, bb)), scales.double(), ids)
+    rows = ids != 3
+    assert (ids == 3).any()
+    assert_close(y[rows], y_ref[rows], dtype, "rows of finite tasks (B of task 3 holds Inf)")
+
+
 def test_split_segment_reduction_is_deterministic(monkeypatch):
     """M > SEGSUM_SPLIT_ROWS splits each task's rows into fixed chunks: still exact and bitwise repeatable."""
     monkeypatch.setattr(mixed, "SEGSUM_SPLIT_ROWS", 48)  # the interpreter is slow: split small batches
