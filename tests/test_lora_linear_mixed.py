@@ -134,6 +134,65 @@ def test_no_bias_and_frozen_base():
     assert w.grad is None and a.grad is not None and x.grad is not None
 
 
+@pytest.mark.parametrize("m,k,r,dtype", [(5, 101, 3, torch.float32), (16, 33, 16, torch.bfloat16), (2, 17, 64, torch.bfloat16)],
+                         ids=["M5-K101-r3", "M16-r16", "M2-r64"])
+def test_bgmv_rank_split(monkeypatch, m, k, r, dtype):
+    """The per-row shrink split over the rank as on a GPU (the interpreter keeps one program per
+    row, see ``_bgmv_programs``; here the split aims at 64 programs instead of BGMV_PROGRAMS and
+    the tile is 64 elements instead of BGMV_TILE: the same rules at interpreter cost): r-blocks of
+    1-4 rank rows, several K steps with a ragged last one, -1 rows and per-task ranks; forward
+    and backward."""
+    monkeypatch.setattr(mixed, "_bgmv_programs", lambda: 64)
+    monkeypatch.setattr(mixed, "BGMV_TILE", 64)
+    br, bk = mixed._bgmv_tile(m, r, False, torch.empty((), dtype=dtype).element_size(), True, k, 64)
+    assert br < mixed._block_r(r, torch.empty((), dtype=dtype).element_size()) or r < 16  # the rank is split
+    ranks = [r, max(1, r // 2), 1]
+    args, gen = make_case(m, k, 17, ranks, dtype, seed=m + k)
+    ids = task_ids("random-1", m, 3, gen)
+    check_against_reference(args, ids, dtype, what=f"bgmv split br{br} bk{bk}")
+    check_against_reference(args, ids, dtype, what=f"bgmv split br{br}, ranks", ranks=torch.tensor(ranks))
+
+
+@pytest.mark.parametrize("m,t", [(24, 64), (40, 5)], ids=["distinct", "uniform"])
+def test_gathered_and_segmented_expand_agree(monkeypatch, m, t):
+    """Small M runs the gathered per-row expand, long segments one MMA per segment: both match the
+    reference on the same batch, and the gathered one (fp32 FMAs on h) is at least as close."""
+    dtype = torch.bfloat16
+    args, gen = make_case(m, 40, 24, [int(i % 8) + 1 for i in range(t)], dtype, seed=m + t)
+    ids = task_ids("distinct" if t >= m else "random-1", m, t, gen)
+    y_gather, _ = check_against_reference(args, ids, dtype, what="gathered")
+    monkeypatch.setattr(mixed, "GATHER_MAX_M", 0)
+    y_seg, _ = check_against_reference(args, ids, dtype, what="segmented")
+    x, w, b, a, bb, scales = args
+    y_ref = reference.lora_linear_mixed(*(v.double() for v in (x, w, b, a, bb)), scales.double(), ids)
+    err = [float((y.double() - y_ref).norm() / y_ref.norm()) for y in (y_gather, y_seg)]
+    assert err[0] <= err[1] * 1.01 + 1e-6, err
+
+
+def test_short_segments_above_gather_max_m(monkeypatch):
+    """150 rows over 40 tasks (mean segment < BGMV_MAX_MEAN_SEGMENT): the gathered expand on the
+    128-row prefill tile (K, N, r multiples of 16: the aligned bf16 config, 2 rank columns per step),
+    forward and backward vs float64; an Inf in one task's B stays in that task's rows."""
+    dtype = torch.bfloat16
+    m, t = 150, 40
+    used = []
+    gather_r = mixed._gather_r
+    monkeypatch.setattr(mixed, "_gather_r", lambda cfg, aligned=True: used.append((cfg.block_m, aligned)) or gather_r(cfg, aligned))
+    args, gen = make_case(m, 48, 32, [16] + [int(i % 5) + 1 for i in range(t - 1)], dtype, seed=9)
+    ids = task_ids("random-1", m, t, gen)
+    routing = Routing(ids, t)
+    check_against_reference(args, routing, dtype, what="short segments, M 150")
+    assert (128, True) in used, used  # forward and dx took the gathered expand on the 128-row tile
+    x, w, b, a, bb, scales = args
+    bb = bb.clone()
+    bb[3, 7, 0] = float("inf")
+    y = mixed.lora_linear_mixed(x, w, b, a, bb, scales, routing)
+    y_ref = reference.lora_linear_mixed(*(v.double() for v in (x, w, b, a, bb)), scales.double(), ids)
+    rows = ids != 3
+    assert (ids == 3).any()
+    assert_close(y[rows], y_ref[rows], dtype, "rows of finite tasks (B of task 3 holds Inf)")
+
+
 def test_split_segment_reduction_is_deterministic(monkeypatch):
     """M > SEGSUM_SPLIT_ROWS splits each task's rows into fixed chunks: still exact and bitwise repeatable."""
     monkeypatch.setattr(mixed, "SEGSUM_SPLIT_ROWS", 48)  # the interpreter is slow: split small batches
@@ -376,8 +435,9 @@ def test_torch_compile_fullgraph(given):
 # ------------------------------------------------------------------------------------------------
 
 def _in_ci(cfg) -> bool:
-    """The CI subset (~70 compiles, ~2 min): bf16 and fp32, every tile config and use, the
-    register-heaviest rank block (64; 32 for fp32), odd strides for the fused kernel. Left to the full sweep
+    """The CI subset (~100 compiles, ~2-3 min): bf16 and fp32, every tile config and use, the
+    register-heaviest rank block (64; 32 for fp32), every bf16 shrink tile (BGMV r-splits
+    included), odd strides for the fused kernel. Left to the full sweep
     (LORA_KERNELS_AOT=full): fp16 (the bf16 tiles with another MMA type), rank block 16 (fewer
     registers than 64), HAS_RANKS (a scalar load and a loop bound)."""
     name, kernel, sig, consts, *_ = cfg
@@ -386,6 +446,8 @@ def _in_ci(cfg) -> bool:
         return False
     if kernel is mixed._fused_kernel:
         return not odd or "/bf16/" in name
+    if kernel is not mixed._segsum_kernel and "/bf16/" in name and not odd:
+        return True  # the shrinks' bf16 tiles by rank block: the BGMV r-splits, the SGMV r <= 16 tile
     return consts["BLOCK_R"] == mixed._block_r(256, 4 if "/fp32/" in name else 2) and not odd
 
 

@@ -114,3 +114,18 @@ def test_resources_are_current():
             if (got.registers, got.shared_bytes, got.spills) != (want["registers"], want["shared"], want["spills"]):
                 stale.append(f"{name} sm_{arch}")
     assert not stale, f"stale resources (regenerate): {stale}"
+
+
+def test_mixed_expand_steps_do_not_grow_with_tasks(cases):
+    """Short task segments (16-256 rows over 16-64 distinct tasks) take the gathered expand:
+    its dependent steps after the main loop are bounded by the rank (cdiv(r, rank chunk)), not by
+    the number of tasks in a tile (the per-segment loop walked 64 of them one after another)."""
+    gpu, all_cases = cases
+    for c in all_cases:
+        if c.op == "mixed" and c.m < 16 * c.tasks:
+            fused = c.launches[-1]
+            steps = getattr(fused, "tail_steps", fused.serial_steps)
+            assert "gathered" in fused.what and steps <= c.r // 2, f"{c.name}: {fused.what}, {steps} steps"
+            shrink = c.launches[0]  # enough programs to keep loads in flight; decode: K in <= 2 round trips
+            assert shrink.grid >= gpu.sms, f"{c.name}: shrink grid {shrink.grid}"
+            assert c.m > 64 or shrink.serial_steps <= 2, f"{c.name}: shrink takes {shrink.serial_steps} round trips"

@@ -17,6 +17,8 @@ Roofline model (stated; a GPU run that disagrees corrects it):
   ``t_mma = flops / (P * tc_eff * TRITON_TC_EFF * busy)`` with ``busy = grid / (waves * slots)``
   (wave quantisation), and ``t_serial`` = dependent round trips on a CTA's critical path
   (loads whose address or use waits for the previous one: un-pipelined loops) x ``LATENCY``;
+  an epilogue's dependent round trips after the pipelined main loop (the mixed expand) are added:
+  ``waves x tail_steps x LATENCY`` (its loads wait while the SM's main-loop traffic has ended);
 * ``launch`` = ``gpu.launch_s`` per kernel (host enqueue + tail), torch ops in the backward included;
 * the base peer (cuBLAS ``F.linear``) is the ideal: ``max(min bytes / (BW * bw_eff), flops /
   (P * tc_eff)) + launch``: no quantisation, no serial latency.
@@ -77,6 +79,7 @@ class Launch:
     l2_bytes: float = 0.0
     flops: float = 0.0
     serial_steps: int = 0        # dependent round trips on a CTA's critical path
+    tail_steps: int = 0          # dependent round trips after the main loop (per wave; added, not overlapped)
     tensor_cores: bool = True
     # filled by predict():
     regs: int = 0
@@ -149,7 +152,7 @@ def predict(launch: Launch, gpu: GPU) -> float:
     peak = gpu.tc_bf16 * gpu.tc_eff * TRITON_TC_EFF[gpu.cc] if launch.tensor_cores else gpu.fp32 * 0.8
     t_mma = launch.flops / (peak * busy)
     t_serial = launch.serial_steps * LATENCY_S
-    launch.t = max(t_hbm, t_l2, t_mma, t_serial) + gpu.launch_s
+    launch.t = max(t_hbm, t_l2, t_mma, t_serial) + launch.waves * launch.tail_steps * LATENCY_S + gpu.launch_s
     return launch.t
 
 
@@ -296,37 +299,52 @@ def mixed(k: int, n: int, r: int, m: int, tasks: int) -> Case:
     from ..ops.triton import lora_linear_mixed as mx
 
     case = Case("mixed", k, n, r, m, tasks)
-    bgmv = m <= mx.BGMV_MAX_M or m < mx.BGMV_MAX_MEAN_SEGMENT * tasks
-    br = mx._block_r(r, ELEM)
+    short = m <= mx.BGMV_MAX_M or m < mx.BGMV_MAX_MEAN_SEGMENT * tasks  # the launcher's BGMV rule
     a_bytes = tasks * r * k * ELEM
-    if bgmv:
-        bk = mx._bgmv_block_k(br)
-        # One program per row: num_stages = 1, so each K step's loads wait for the last: K / BK round trips.
-        case.launches.append(Launch("BGMV shrink (per row)", f"shrink_bgmv/xA/bf16/r{br}/ranks0/k16", m * _cdiv(r, br), 4, 1,
-                                    br * bk * ELEM * 2, ELEM * m * k + a_bytes + 4 * m * r, m * r * k * ELEM,
-                                    2.0 * m * br * k, _cdiv(k, bk), tensor_cores=False))
+    if short:
+        # One program per (row, r-block), r split until ~BGMV_PROGRAMS programs; each loads a
+        # [br, bk] slice of A_t and bk of x per step: cdiv(K, bk) dependent round trips.
+        br, bk = mx._bgmv_tile(m, r, False, ELEM, True, k, mx.BGMV_PROGRAMS)
+        name = f"shrink_bgmv/xA/bf16/r{16 if br <= 16 else 64}/ranks0/k16/br{br}"
+        rblocks = _cdiv(r, br)
+        case.launches.append(Launch("BGMV shrink (row x r-block)", name, m * rblocks, 4, 1,
+                                    (br + 1) * min(bk, k) * ELEM, ELEM * m * k + a_bytes + 4 * m * r,
+                                    ELEM * m * k * rblocks, 2.0 * m * rblocks * br * k, _cdiv(k, bk),
+                                    tensor_cores=False))
     else:
-        bm, bk, nw, ns = mx._shrink_tile(m, ELEM)
+        br = mx._block_r(r, ELEM)
+        bm, bk, nw, ns = mx._shrink_tile(m, ELEM, True, br)
         segs = _cdiv(bm, max(1, m // tasks)) + 1  # segments per row tile
         case.launches.append(Launch("SGMV shrink (row tiles)", f"shrink_sgmv/m{bm}/xA/bf16/r{br}/ranks0/k16",
                                     _cdiv(m, bm) * _cdiv(r, br), nw, ns, (bm + br) * bk * ELEM,
                                     ELEM * m * k + a_bytes + 4 * m * r, 0.0, 2.0 * _cdiv(m, bm) * bm * br * k * segs,
                                     segs if segs > 1 else 0))
     cfg = mx._fused_config(m, ELEM)
+    gather = mx._use_gather(m, short)
     tiles_m, tiles_n = _cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n)
-    segs_per_tile = min(tasks, cfg.block_m) if tasks >= m // max(1, tiles_m) else _cdiv(cfg.block_m, m // tasks) + 1
-    segs_per_tile = min(segs_per_tile, tasks)
-    # The expand loops over the tile's task segments one after the other: each iteration loads
-    # that task's B_t slice and h rows, then MMAs; the next waits (a dependent round trip).
     b_bytes = tasks * n * r * ELEM
     rows = tiles_m * cfg.block_m
-    case.launches.append(Launch("fused base + per-segment expand", f"fused/m{cfg.block_m}/fwd/bf16/r16/ranks0/k16",
-                                tiles_m * tiles_n, cfg.num_warps, cfg.num_stages,
-                                (cfg.block_m + cfg.block_n) * cfg.block_k * ELEM,
-                                ELEM * (m * k + n * k + m * n) + b_bytes + 4 * m * r,
-                                tiles_n * rows * k * ELEM + tiles_m * n * k * ELEM,
-                                2.0 * rows * n * k + 2.0 * 2 * rows * n * _cdiv(r, 16) * 16 * segs_per_tile,
-                                segs_per_tile if segs_per_tile > 1 else 0))
+    base_flops = 2.0 * rows * n * k
+    hbm = ELEM * (m * k + n * k + m * n) + b_bytes + 4 * m * r
+    l2 = tiles_n * rows * k * ELEM + tiles_m * n * k * ELEM
+    if gather:
+        # Per-row expand after the main loop: every row loads its task's [BN, r] slice of B
+        # (HBM: once per task and column tile; L2/L1: once per row), cdiv(r, gr) dependent steps
+        # of [BM, BN, gr] loads + fp32 FMAs.
+        gr = mx._gather_r(cfg)
+        what, name = "fused base + gathered expand", f"fused/m{cfg.block_m}/gather/fwd/bf16/r16/ranks0/k16"
+        l2 += m * n * r * ELEM
+        flops, tail = base_flops, _cdiv(r, gr)  # + 2 m n r CUDA-core FMAs: far below the base GEMM
+    else:
+        # The expand loops over the tile's task segments one after the other: each iteration loads
+        # that task's B_t slice and h rows, then MMAs; the next waits (a dependent round trip).
+        segs_per_tile = min(tasks, cfg.block_m) if tasks >= m // max(1, tiles_m) else _cdiv(cfg.block_m, m // tasks) + 1
+        segs_per_tile = min(segs_per_tile, tasks)
+        what, name = "fused base + per-segment expand", f"fused/m{cfg.block_m}/fwd/bf16/r16/ranks0/k16"
+        flops = base_flops + 2.0 * 2 * rows * n * _cdiv(r, 16) * 16 * segs_per_tile
+        tail = segs_per_tile if segs_per_tile > 1 else 0
+    case.launches.append(Launch(what, name, tiles_m * tiles_n, cfg.num_warps, cfg.num_stages,
+                                (cfg.block_m + cfg.block_n) * cfg.block_k * ELEM, hbm, l2, flops, tail_steps=tail))
     case.min_bytes = ELEM * (m * k + n * k + m * n) + a_bytes + b_bytes
     case._base = [_cublas("base y = x W^T", m, n, k)]
     return case

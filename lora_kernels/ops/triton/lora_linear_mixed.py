@@ -17,15 +17,20 @@ sync) is needed, which is what lets ``torch.compile`` trace the op with raw ids.
 
 Kernels (this file stacks kernels -> launchers -> custom ops + fakes -> autograd):
 
-``_shrink_bgmv_kernel``  h[p] = s_t * x[order[p]] @ A_t.T, one program per row (GEMV on CUDA
-                         cores). Decode: a row's A_t is the only thing read, nothing is padded
-                         to a 16-row MMA tile when every row has its own task.
+``_shrink_bgmv_kernel``  h[p] = s_t * x[order[p]] @ A_t.T, one program per (row, rank block)
+                         (GEMV on CUDA cores). Decode: a row's A_t is the only thing read, nothing
+                         is padded to a 16-row MMA tile when every row has its own task; the rank
+                         is split over programs and each loads a long K slice per step, so the
+                         grid keeps enough loads in flight (see ``_bgmv_tile``).
 ``_shrink_sgmv_kernel``  the same over BLOCK_M consecutive sorted rows with ``tl.dot``, looping
                          over the (few) task segments that intersect the tile. Prefill: long
                          segments make almost every tile single-task.
-``_fused_kernel``        y tile = x @ W.T + b (shared base GEMM, every row) plus, per segment in
-                         the tile, h_seg @ B_t.T -- base and LoRA in one output tile, y written
-                         once (scattered back to original rows). A tile inside one segment
+``_fused_kernel``        y tile = x @ W.T + b (shared base GEMM, every row) plus the LoRA term --
+                         base and LoRA in one output tile, y written once (scattered back to
+                         original rows). Short segments (M <= 128 or the BGMV rule): a gathered
+                         per-row expand, every row loading its own task's B slice, with a fixed
+                         number of steps however many tasks share the tile. Long segments: per
+                         segment in the tile, h_seg @ B_t.T on tensor cores. A tile inside one segment
                          adds its term straight into the accumulator; a tile that several
                          segments share computes each segment's term apart and selects it into
                          that segment's rows only, so a non-finite adapter never reaches other
@@ -44,7 +49,8 @@ dA_t = g_seg.T @ x_seg and dB_t = dy_seg.T @ h_seg are segment sums. dW = dy.T @
 plain torch (cuBLAS is already at the floor for that GEMM) and only computed when needed.
 
 Precision: fp32 accumulate everywhere; h = x @ A.T stays fp32 in memory (it is [M, r], tiny) and
-enters the 16-bit expand MMA as hi + lo halves (two MMAs), so its fp32 precision survives. fp32 inputs use
+enters the 16-bit expand MMA as hi + lo halves (two MMAs), or the gathered expand's fp32 FMAs, so its
+fp32 precision survives. fp32 inputs use
 ``input_precision="ieee"`` (no TF32) so fp32 matches torch's default numerics.
 
 Ranks: the stacks are zero-padded to the largest rank R. Passing ``ranks`` ([T] int32, the true
@@ -200,11 +206,14 @@ def _fused_kernel(
     stride_bt, stride_bn, stride_br, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, GATHER: tl.constexpr,
 ):
     """y[order[p], n] = x[order[p]] @ W[n] + b[n] + h[p] @ B[t_p, n] for a [BLOCK_M, BLOCK_N] tile.
 
     Shape (as strides): x [M, K], W [N, K], h [M, R] fp32 (sorted rows), B [T, N, R], y [M, N].
+    ``GATHER``: the LoRA term as a per-row gathered expand (every row loads its own task's
+    [BLOCK_N, BLOCK_R] slice of B, fp32 FMAs, ceil(R / BLOCK_R) steps for any task mix); else one
+    MMA per task segment of the tile (long segments).
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -240,45 +249,71 @@ def _fused_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
 
-    # LoRA expand: one MMA per task segment intersecting the tile, reading only that task's B_t.
-    t_first = tl.load(sid_ptr + p0)
-    t_last = tl.load(sid_ptr + p1 - 1)
-    offs_r = tl.arange(0, BLOCK_R)
-    for t in range(tl.maximum(t_first, 0), t_last + 1):
-        lo = tl.load(seg_ptr + t)
-        hi = tl.load(seg_ptr + t + 1)
+    if GATHER:
+        # Short segments (decode, small M): a per-row expand with a fixed trip count, whatever
+        # the number of tasks in the tile. Row p reads only B[t_p] (rows of other tasks, -1 rows
+        # and rank padding load nothing: a non-finite adapter cannot reach them), so each task's
+        # B slice is read from HBM once per column tile -- the byte floor -- and the loads of all
+        # rows are issued together instead of one segment after another.
+        t_rows = tl.load(sid_ptr + offs_p, mask=p_mask, other=-1)
+        tt = tl.maximum(t_rows, 0).to(tl.int64)
         if HAS_RANKS:
-            r_t = tl.minimum(tl.maximum(tl.load(rank_ptr + t), 0), R)  # clamped: never past the stacks
+            r_rows = tl.minimum(tl.maximum(tl.load(rank_ptr + tt, mask=t_rows >= 0, other=0), 0), R)
         else:
-            r_t = R
-        if hi > lo:
-            in_seg = (offs_p >= lo) & (offs_p < hi)
-            h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_r[None, :].to(tl.int64) * stride_hr
-            b_ptrs = (b_ptr + tl.cast(t, tl.int64) * stride_bt + offs_r[:, None].to(tl.int64) * stride_br
-                      + offs_n[None, :].to(tl.int64) * stride_bn)
-            if (lo <= p0) & (hi >= p1):
-                # The whole tile is this task's (long segments: most prefill tiles): straight
-                # into the one accumulator.
-                for r0 in range(0, r_t, BLOCK_R):
-                    r_mask = offs_r < r_t - r0
-                    ht = tl.load(h_ptrs, mask=p_mask[:, None] & r_mask[None, :], other=0.0)
-                    bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                    acc = _mma_f32a(ht, bt, acc, PRECISION, INTERPRET)
-                    h_ptrs += BLOCK_R * stride_hr
-                    b_ptrs += BLOCK_R * stride_br
+            r_rows = tl.full((BLOCK_M,), R, tl.int32)
+        r_rows = tl.where(t_rows >= 0, r_rows, 0)
+        r_hi = tl.max(r_rows, axis=0)  # the tile's largest rank: padding past it is never read
+        offs_g = tl.arange(0, BLOCK_R)
+        h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_g[None, :].to(tl.int64) * stride_hr
+        b_ptrs = (b_ptr + tt[:, None, None] * stride_bt + offs_n[None, :, None].to(tl.int64) * stride_bn
+                  + offs_g[None, None, :].to(tl.int64) * stride_br)
+        for r0 in range(0, r_hi, BLOCK_R):
+            r_in = (offs_g[None, :] < r_rows[:, None] - r0)                    # [BM, BR]
+            ht = tl.load(h_ptrs, mask=r_in, other=0.0)
+            bt = tl.load(b_ptrs, mask=r_in[:, None, :] & n_mask[None, :, None], other=0.0)
+            acc += tl.sum(ht[:, None, :] * bt.to(tl.float32), axis=2)       # fp32 FMAs: h keeps its bits
+            h_ptrs += BLOCK_R * stride_hr
+            b_ptrs += BLOCK_R * stride_br
+    else:
+        # LoRA expand: one MMA per task segment intersecting the tile, reading only that task's B_t.
+        t_first = tl.load(sid_ptr + p0)
+        t_last = tl.load(sid_ptr + p1 - 1)
+        offs_r = tl.arange(0, BLOCK_R)
+        for t in range(tl.maximum(t_first, 0), t_last + 1):
+            lo = tl.load(seg_ptr + t)
+            hi = tl.load(seg_ptr + t + 1)
+            if HAS_RANKS:
+                r_t = tl.minimum(tl.maximum(tl.load(rank_ptr + t), 0), R)  # clamped: never past the stacks
             else:
-                # Rows of other segments (and -1 rows) must gain nothing, not 0 * B_t: a
-                # non-finite B_t would turn their h = 0 into NaN. The segment's term is
-                # accumulated apart and selected into its rows only.
-                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for r0 in range(0, r_t, BLOCK_R):
-                    r_mask = offs_r < r_t - r0
-                    ht = tl.load(h_ptrs, mask=in_seg[:, None] & r_mask[None, :], other=0.0)
-                    bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                    part = _mma_f32a(ht, bt, part, PRECISION, INTERPRET)
-                    h_ptrs += BLOCK_R * stride_hr
-                    b_ptrs += BLOCK_R * stride_br
-                acc = tl.where(in_seg[:, None], acc + part, acc)
+                r_t = R
+            if hi > lo:
+                in_seg = (offs_p >= lo) & (offs_p < hi)
+                h_ptrs = h_ptr + offs_p[:, None].to(tl.int64) * stride_hm + offs_r[None, :].to(tl.int64) * stride_hr
+                b_ptrs = (b_ptr + tl.cast(t, tl.int64) * stride_bt + offs_r[:, None].to(tl.int64) * stride_br
+                          + offs_n[None, :].to(tl.int64) * stride_bn)
+                if (lo <= p0) & (hi >= p1):
+                    # The whole tile is this task's (long segments: most prefill tiles): straight
+                    # into the one accumulator.
+                    for r0 in range(0, r_t, BLOCK_R):
+                        r_mask = offs_r < r_t - r0
+                        ht = tl.load(h_ptrs, mask=p_mask[:, None] & r_mask[None, :], other=0.0)
+                        bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                        acc = _mma_f32a(ht, bt, acc, PRECISION, INTERPRET)
+                        h_ptrs += BLOCK_R * stride_hr
+                        b_ptrs += BLOCK_R * stride_br
+                else:
+                    # Rows of other segments (and -1 rows) must gain nothing, not 0 * B_t: a
+                    # non-finite B_t would turn their h = 0 into NaN. The segment's term is
+                    # accumulated apart and selected into its rows only.
+                    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    for r0 in range(0, r_t, BLOCK_R):
+                        r_mask = offs_r < r_t - r0
+                        ht = tl.load(h_ptrs, mask=in_seg[:, None] & r_mask[None, :], other=0.0)
+                        bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                        part = _mma_f32a(ht, bt, part, PRECISION, INTERPRET)
+                        h_ptrs += BLOCK_R * stride_hr
+                        b_ptrs += BLOCK_R * stride_br
+                    acc = tl.where(in_seg[:, None], acc + part, acc)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=p_mask[:, None] & n_mask[None, :])
 
@@ -336,7 +371,7 @@ def _segsum_kernel(
 # Configs and launchers
 # ----------------------------------------------------------------------------------------------
 
-#: At most this many rows: the shrink runs BGMV-style (one program per row). A 16-row MMA tile
+#: At most this many rows: the shrink runs BGMV-style (programs per row, see _bgmv_tile). A 16-row MMA tile
 #: of a decode batch with distinct tasks holds one useful row in 16; the GEMV reads the same
 #: bytes (A_t) without the idle lanes. Above it, or when segments are long, SGMV tiles win.
 BGMV_MAX_M = 64
@@ -376,6 +411,33 @@ class FusedConfig(NamedTuple):
 FUSED_BLOCK_R = 16
 
 
+#: At most this many rows: the fused kernel's LoRA term is the per-row gathered expand (fixed trip
+#: count, all rows' B loads in flight together); above it, one MMA per task segment of the tile
+#: (prefill: long segments make most tiles single-task, and the MMA runs on tensor cores).
+GATHER_MAX_M = 128
+#: Elements of the gathered [BLOCK_M, BLOCK_N, BLOCK_R] B tile per step: 8192 / 128 threads = 64
+#: fp32 values each (AOT: no spills next to the base GEMM's pipeline).
+GATHER_TILE = 8192
+
+
+def _gather_r(cfg: "FusedConfig", aligned: bool = True) -> int:
+    """Rank chunk of the gathered expand: as much of the rank per step as GATHER_TILE per 4 warps
+    allows (16 at the 16 x 32 decode tile: one step for r <= 16). Odd strides load element by
+    element (a 64-bit address each): a quarter of the tile (AOT: the full one spilled 32-976 B)."""
+    tile = GATHER_TILE * cfg.num_warps // 4 // (1 if aligned else 4)
+    return max(1, min(16, tile // (cfg.block_m * cfg.block_n)))
+
+
+def _use_gather(m: int, short: bool) -> bool:
+    """Gathered per-row expand (fixed trip count) or one MMA per segment of a tile (long segments)."""
+    return m <= GATHER_MAX_M or (short and GATHER_SHORT_SEGMENTS)
+
+
+#: Short segments above GATHER_MAX_M rows (e.g. 256 rows over 64 tasks) take the gathered expand
+#: too: a 128-row tile then holds ~32 segments, which the per-segment loop walks one by one.
+GATHER_SHORT_SEGMENTS = True
+
+
 def _aligned(*strides: int) -> bool:
     """Whether the JIT will see every non-unit stride divisible by 16 (vectorized 16-byte loads)."""
     return all(s == 1 or s % 16 == 0 for s in strides)
@@ -391,8 +453,10 @@ def _fused_config(m: int, elem: int, aligned: bool = True) -> FusedConfig:
         return FusedConfig(64, 32, 32, 4, 3)
     if m <= 16:  # decode: memory-bound GEMV-like; narrow N tiles give >= 128 CTAs for N = 4096
         return FusedConfig(16, 32, 128, 4, 3)  # 4 stages spilled 8 B on sm_80 next to the segment term
-    if m <= 128:  # 64 x 32: 128 CTAs at N = 4096 fill an H200's 132 SMs (64 x 64 gave 64);
-        return FusedConfig(64, 32, 64, 4, 2)  # 3 stages spilled 16 B on Triton 3.6 / sm_80
+    if m <= 128:  # 64 x 32: 128 CTAs at N = 4096 fill an H200's 132 SMs (64 x 64 gave 64). Memory-
+        # bound: 2 stages of 24 KB in flight per CTA keep ~3 MB in flight (HBM latency x bandwidth);
+        # 8 warps give the gathered expand 8 rank columns per step (2 steps at r = 16). AOT: no spills.
+        return FusedConfig(64, 32, 128, 8, 3)
     # A tile shared by several segments holds a second [BM, BN] fp32 term (see the kernel): at
     # 128 x 128 that spilled 112-352 B (AOT, sm_80 / sm_90); 128 x 64 over 8 warps fits.
     return FusedConfig(128, 64, 64, 8, 3)
@@ -404,19 +468,60 @@ def _block_r(r: int, elem: int = 2) -> int:
     return max(16, min(64 if elem == 2 else 32, triton.next_power_of_2(r)))
 
 
-def _shrink_tile(m: int, elem: int, aligned: bool = True) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the SGMV shrink: 64-row tiles (wgmma-sized)
-    once segments are long, 32 below; fp32 (FMA) and odd strides keep 32-row tiles."""
+def _shrink_tile(m: int, elem: int, aligned: bool = True, block_r: int = 64) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the SGMV shrink. A GEMV-like pass over x (r is
+    tiny): what counts is bytes in flight, so 32-row tiles (twice the programs of 64: 64 at M = 2048)
+    with 3 stages of 12 KB in flight at r <= 16; r-blocks of 64 keep BK = 64 (BK = 128 spilled 12 B
+    on sm_90, AOT) and take 64-row (wgmma-sized) tiles once segments are long. fp32 (FMA) and odd
+    strides keep small tiles."""
     if elem == 4:  # FMA dot: BK = 32 / 3 stages spill 8-48 B on sm_80 (AOT)
         return 32, 16, 4, 2
     if not aligned:
         return 32, 32, 4, 3
+    if block_r <= 16:
+        return 32, 128, 4, 4
     return (64 if m >= 1024 else 32), 64, 4, 3
 
 
-def _bgmv_block_k(block_r: int) -> int:
-    # The [BLOCK_R, BLOCK_K] A_t tile lives in registers: 4096 elements / 128 threads = 32 each.
-    return min(256, 4096 // block_r)
+#: Elements of the [BLOCK_R, BLOCK_K] A_t tile one BGMV program loads per K step (bf16: 8192 / 128
+#: threads = 64 values each, AOT: no spills). fp32 tiles hold half as many.
+BGMV_TILE = 8192
+#: Programs the BGMV shrink aims for: enough to keep every SM's loads in flight (132 SMs).
+BGMV_PROGRAMS = 512
+
+
+def _bgmv_programs() -> int:
+    """BGMV_PROGRAMS on a GPU; 1 under the Triton interpreter, which runs programs one after another
+    in Python (no loads in flight to gain, ~8x the test time): one program per row there.
+    ``test_bgmv_rank_split`` runs the GPU's split through the interpreter."""
+    return 1 if _interpret() else BGMV_PROGRAMS
+
+
+def _bgmv_tile(m: int, r: int, r_unit_stride: bool, elem: int, aligned: bool = True, k: int = 4096,
+               programs: int = BGMV_PROGRAMS) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_K) of the per-row shrink.
+
+    One program owns one (row, r-block): a sum over K in a fixed order, so h is deterministic
+    (no split-K atomics). What limits a GEMV on a GPU is bytes in flight per round trip: with one
+    program per row (decode: 16 programs) and a 16 x 256 tile, K = 4096 took 16 dependent round
+    trips. So the rank is split over programs (BLOCK_R down to 1: ~BGMV_PROGRAMS programs) and
+    each program loads a long K slice per step (BLOCK_R * BLOCK_K = BGMV_TILE): at K <= 4096 a
+    row's slice of A_t arrives in one round trip. x rows are re-read per r-block (from L2).
+    ``r_unit_stride`` (dy @ B_t: B's rank is its contiguous dim): whole rank rows per program,
+    so loads stay coalesced along r.
+    """
+    full = _block_r(r, elem) if aligned else 16  # odd strides: [BM, 64] tiles from scalar loads spill
+    if r_unit_stride:
+        br = full
+    else:
+        want = m * triton.next_power_of_2(max(r, 1)) // programs
+        br = max(1, min(full, triton.next_power_of_2(want) if want > 1 else 1))
+    return br, _bgmv_block_k(br, elem, k)
+
+
+def _bgmv_block_k(block_r: int, elem: int, k: int = 4096) -> int:
+    # K <= 4096 in one step from BLOCK_R <= 2 on; never wider than K (masked lanes cost registers)
+    return min(4096, (BGMV_TILE if elem == 2 else BGMV_TILE // 2) // block_r, max(16, triton.next_power_of_2(k)))
 
 
 def _segsum_tile(elem: int) -> tuple[int, int, int, int]:
@@ -438,12 +543,13 @@ def _shrink(x: Tensor, a_strides, a: Tensor, scales: Tensor, ranks: Tensor | Non
     br = _block_r(r, elem) if aligned else 16  # odd strides: [BM, 64] tiles from scalar loads spill
     rk = ranks if ranks is not None else sorted_ids  # dummy pointer when HAS_RANKS is False
     if bgmv:
+        br, bk = _bgmv_tile(m, r, a_strides[1] == 1, elem, aligned, k, _bgmv_programs())
         _shrink_bgmv_kernel[(m, triton.cdiv(r, br))](
             x, a, scales, h, order, sorted_ids, rk, m, k, r,
             x.stride(0), x.stride(1), *a_strides, h.stride(0), h.stride(1),
-            HAS_RANKS=ranks is not None, BLOCK_K=_bgmv_block_k(br), BLOCK_R=br, num_warps=4, num_stages=1)
+            HAS_RANKS=ranks is not None, BLOCK_K=bk, BLOCK_R=br, num_warps=4, num_stages=1)
     else:
-        bm, bk, nw, ns = _shrink_tile(m, elem, aligned)
+        bm, bk, nw, ns = _shrink_tile(m, elem, aligned, br)
         _shrink_sgmv_kernel[(triton.cdiv(m, bm), triton.cdiv(r, br))](
             x, a, scales, h, order, sorted_ids, seg_off, rk, m, k, r,
             x.stride(0), x.stride(1), *a_strides, h.stride(0), h.stride(1),
@@ -453,21 +559,24 @@ def _shrink(x: Tensor, a_strides, a: Tensor, scales: Tensor, ranks: Tensor | Non
 
 
 def _fused(x: Tensor, w_strides, w: Tensor, n: int, bias: Tensor | None, h: Tensor, b_strides, b: Tensor,
-           ranks: Tensor | None, order: Tensor, sorted_ids: Tensor, seg_off: Tensor, r: int) -> Tensor:
-    """y [M, n] = x @ W.T + bias + per-segment h @ B_t.T, with W (n, k) and B (t, n, r) given by strides."""
+           ranks: Tensor | None, order: Tensor, sorted_ids: Tensor, seg_off: Tensor, r: int, short: bool) -> Tensor:
+    """y [M, n] = x @ W.T + bias + per-segment h @ B_t.T, with W (n, k) and B (t, n, r) given by strides.
+    ``short``: the batch's task segments are short (the BGMV rule): the gathered expand at any M."""
     m, k = x.shape
     y = _empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
     aligned = _aligned(x.stride(0), x.stride(1), *w_strides, *b_strides, y.stride(0))
     cfg = _fused_config(m, x.element_size(), aligned)
+    gather = _use_gather(m, short)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _fused_kernel[grid](
         x, w, bias if bias is not None else x, h, b, y, order, sorted_ids, seg_off,
         ranks if ranks is not None else sorted_ids, m, n, k, r,
         x.stride(0), x.stride(1), *w_strides, h.stride(0), h.stride(1), *b_strides, y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None, PRECISION=_PRECISION[x.dtype], INTERPRET=_interpret(),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=FUSED_BLOCK_R, GROUP_M=8,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_R=_gather_r(cfg, aligned) if gather else FUSED_BLOCK_R, GROUP_M=8, GATHER=gather,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
@@ -516,7 +625,8 @@ def _op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: 
     r = lora_a.shape[1]
     h = _shrink(x, _a_as_rk(lora_a), lora_a, scales, ranks, order, sorted_ids, seg_off, r, bgmv)
     w_strides = (weight.stride(0), weight.stride(1))
-    y = _fused(x, w_strides, weight, weight.shape[0], bias, h, _b_as_nr(lora_b), lora_b, ranks, order, sorted_ids, seg_off, r)
+    y = _fused(x, w_strides, weight, weight.shape[0], bias, h, _b_as_nr(lora_b), lora_b, ranks, order, sorted_ids, seg_off, r,
+               bgmv)
     return y, h
 
 
@@ -541,7 +651,8 @@ def _bwd_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tenso
     if need_dx:
         # dx = dy @ W + g @ A_t: the fused kernel with W read as (k, n) and A_t as (t, k, r).
         dx = _fused(dy, (weight.stride(1), weight.stride(0)), weight, k, None, g,
-                    (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), lora_a, ranks, order, sorted_ids, seg_off, r)
+                    (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), lora_a, ranks, order, sorted_ids, seg_off, r,
+                    bgmv)
     da = db = empty
     if need_dlora:
         da = _segsum(g, x, order, seg_off, ranks, t, r, transpose_out=False, out_dtype=lora_a.dtype)
@@ -692,8 +803,11 @@ _ARGS = {
 _LAYOUTS = {  # (kernel, use): (unit strides, strides divisible by 16)
     ("shrink", "xA"): ("stride_xk stride_ak stride_hr", "stride_xm stride_at stride_ar"),   # x @ A_t.T
     ("shrink", "dyB"): ("stride_xk stride_ar stride_hr", "stride_xm stride_at"),            # dy @ B_t
-    ("fused", "fwd"): ("stride_xk stride_wk stride_hr stride_br stride_yn", "stride_xm stride_wn stride_bt stride_ym"),
-    ("fused", "dx"): ("stride_xk stride_wn stride_hr stride_bn stride_yn", "stride_xm stride_wk stride_bt stride_br stride_ym"),
+    # h [M, R] and B [T, N, R] contiguous: stride_hm = stride_bn = R, a multiple of 16 when R is.
+    ("fused", "fwd"): ("stride_xk stride_wk stride_hr stride_br stride_yn",
+                       "stride_xm stride_wn stride_hm stride_bt stride_bn stride_ym"),
+    ("fused", "dx"): ("stride_xk stride_wn stride_hr stride_bn stride_yn",
+                      "stride_xm stride_wk stride_hm stride_bt stride_br stride_ym"),
     ("segsum", "dA"): ("stride_pr stride_qd stride_od", "stride_qm stride_os stride_ot stride_or"),
     ("segsum", "dB"): ("stride_pr stride_qd stride_or", "stride_qm stride_os stride_ot"),
 }
@@ -749,25 +863,33 @@ def _all_configs():
                         continue
                     tag = f"{tt}/r{br}/ranks{int(has_ranks)}/{'k16' if aligned else 'odd'}"
                     for use in ("xA", "dyB"):
-                        sig, cx = _signature(_shrink_bgmv_kernel, tt, ("shrink", use),
-                                             {"HAS_RANKS": has_ranks, "BLOCK_K": _bgmv_block_k(br), "BLOCK_R": br}, aligned)
-                        yield f"shrink_bgmv/{use}/{tag}", _shrink_bgmv_kernel, sig, cx, 4, 1, False
+                        # BLOCK_R: the whole rank block (dyB) or, for x @ A_t.T, every split from one
+                        # rank row per program up to it (1..16 with the r16 block, 32..64 with r64)
+                        full = br if aligned else 16
+                        splits = [full] if use == "dyB" else [b for b in (1, 2, 4, 8, 16, 32, 64)
+                                                              if b <= full and (b > 16) == (full > 16)]
+                        for b_r in splits:
+                            b_k = _bgmv_block_k(b_r, elem)
+                            sig, cx = _signature(_shrink_bgmv_kernel, tt, ("shrink", use),
+                                                 {"HAS_RANKS": has_ranks, "BLOCK_K": b_k, "BLOCK_R": b_r}, aligned)
+                            yield f"shrink_bgmv/{use}/{tag}/br{b_r}", _shrink_bgmv_kernel, sig, cx, 4, 1, False
                         for m in (64, 4096):
-                            bm, bk, nw, ns = _shrink_tile(m, elem, aligned)
+                            bm, bk, nw, ns = _shrink_tile(m, elem, aligned, br if aligned else 16)
                             sig, cx = _signature(_shrink_sgmv_kernel, tt, ("shrink", use),
                                                  {"HAS_RANKS": has_ranks, "PRECISION": prec, "INTERPRET": False, "BLOCK_M": bm, "BLOCK_K": bk,
                                                   "BLOCK_R": br if aligned else 16}, aligned)
                             yield f"shrink_sgmv/m{bm}/{use}/{tag}", _shrink_sgmv_kernel, sig, cx, nw, ns, False
                     for use in ("fwd", "dx"):
-                        for m in (1, 64, 4096):
+                        for m, gather in ((1, True), (64, True), (4096, False), (4096, True)):
                             if br != FUSED_BLOCK_R:
                                 continue
                             cfg = _fused_config(m, elem, aligned)
                             sig, cx = _signature(_fused_kernel, tt, ("fused", use),
                                                  {"HAS_BIAS": use == "fwd", "HAS_RANKS": has_ranks, "PRECISION": prec,
                                                   "INTERPRET": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                                                  "BLOCK_R": FUSED_BLOCK_R, "GROUP_M": 8}, aligned, m)
-                            yield (f"fused/m{cfg.block_m}/{use}/{tag}", _fused_kernel, sig, cx, cfg.num_warps,
+                                                  "BLOCK_R": _gather_r(cfg, aligned) if gather else FUSED_BLOCK_R, "GROUP_M": 8,
+                                                  "GATHER": gather}, aligned, m)
+                            yield (f"fused/m{cfg.block_m}{'/gather' if gather else ''}/{use}/{tag}", _fused_kernel, sig, cx, cfg.num_warps,
                                    cfg.num_stages, cfg.block_m >= 64 and elem == 2)
                     for use in ("dA", "dB"):
                         bm, bd, nw, ns = _segsum_tile(elem)
