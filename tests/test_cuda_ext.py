@@ -95,14 +95,19 @@ def test_kernels_do_not_spill(compiled):
         assert spills and max(spills) == 0, f"{name} spills registers:\n{log[-4000:]}"
 
 
-@pytest.mark.parametrize("arch", ARCHES)
-def test_half_kernels_use_tensor_cores(compiled, arch):
+def _sass(compiled, arch: str) -> str:
+    """The SASS of the compiled ``lora_linear.cu`` for ``arch`` (skips when no cuobjdump is found)."""
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("cuobjdump not found (CUDA toolkit or the triton wheel ship it)")
     rc, _, obj, _ = compiled["lora_linear.cu"]
     assert rc == 0
-    sass = subprocess.run([tool, "-sass", "-arch", arch, str(obj)], capture_output=True, text=True, timeout=120).stdout
+    return subprocess.run([tool, "-sass", "-arch", arch, str(obj)], capture_output=True, text=True, timeout=120).stdout
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_half_kernels_use_tensor_cores(compiled, arch):
+    sass = _sass(compiled, arch)
     assert "HMMA" in sass, f"no HMMA (mma.sync) instructions in the {arch} SASS of lora_linear.cu"
 
 
@@ -201,12 +206,7 @@ def test_launch_plan_loads_in_flight_match_the_sass(compiled, arch):
     iteration is in flight at once: the software pipeline was not undone by the scheduler."""
     from lora_kernels.plan import cuda as plan
 
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("cuobjdump not found (CUDA toolkit or the triton wheel ship it)")
-    rc, _, obj, _ = compiled["lora_linear.cu"]
-    assert rc == 0
-    sass = subprocess.run([tool, "-sass", "-arch", arch, str(obj)], capture_output=True, text=True, timeout=120).stdout
+    sass = _sass(compiled, arch)
     found = {}
     for name, body in _sass_functions(sass).items():
         m = re.search(r"skinny_kernelI13__nv_bfloat16Li(\d)ELb1ELb0E", name)

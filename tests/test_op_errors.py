@@ -261,8 +261,9 @@ def _half_case(magnitude, seed=7):
     return x, w, b, a, bb
 
 
-_H_CAST = ("Triton kernels cast the fp32 s·h to the input dtype before the expand MMA (lora_linear: _expand's hi/lo "
-           "split; lora_linear_mixed: the fused kernel's h tile): |s·h| > 65504 becomes inf in fp16 although y is finite")
+_H_CAST = ("the single-task Triton kernel casts the fp32 s·h to the input dtype before the expand MMA (_expand's hi/lo "
+           "split): |s·h| > 65504 becomes inf in fp16 although y is finite. (The mixed kernel's per-row gathered "
+           "expand, which these 8 rows take, multiplies in fp32; its long-segment MMA path still casts; the CUDA kernels cast too.)")
 
 
 @pytest.mark.parametrize("op", ["single", "mixed"])
@@ -273,7 +274,7 @@ def test_half_precision_stays_finite(op, backend, dtype, magnitude, request):
     """Large activations: wherever the float64 result is finite and representable in the dtype, so is the output."""
     _skip(backend, "lora_linear" if op == "single" else "lora_linear_mixed")
     if dtype == torch.float16 and magnitude == 1000.0:
-        if backend != "torch":
+        if backend == "cuda" or (backend != "torch" and op == "single"):
             request.applymarker(pytest.mark.xfail(strict=False, reason=_H_CAST))
     x, w, b, a, bb = _half_case(magnitude)
     big = torch.finfo(dtype).max / 2
