@@ -182,6 +182,7 @@ at::Tensor run_fused(const char* op, DType dt, const Device& dev, const at::Tens
   // tiles (B rows read once per 64 rows instead of once per 8).
   args.use_mma = dev.mma && (fused ? lora_kernels::can_use_mma(dt, x2.data_ptr(), K, w.data_ptr(), w.stride(0), 0, K)
                                    : dt != DType::kFloat32);
+  args.wide = lora_kernels::fused_wide(M, N, args.use_mma, dev.num_sms);
   // PDL only right behind a shrink launch: the fused kernel reads x before its griddepcontrol.wait,
   // so its programmatic predecessor must be a kernel that itself started after x was written.
   args.pdl = dev.pdl && after_shrink && fused;  // accumulate mode: cuBLAS runs in between

@@ -50,9 +50,15 @@ void shrink_splits(int64_t K, int64_t r, int64_t num_tiles, int tile_tokens, int
 
 // How many blocks the fused forward splits K into (kparts, 1 = none) and their length: a grid of
 // column blocks x token tiles under ~2 blocks per SM (e.g. N = 1024) takes K parts so that every SM
-// streams W. kparts > 1 needs an fp32 workspace part [kparts, M, N] and int tickets
-// [cdiv(N, 16) * token tiles] that the shrink launched just before zeroes (ShrinkArgs::tickets).
+// streams W (for the kernel fused_wide() picks). kparts > 1 needs an fp32 workspace part [kparts, M, N]
+// and int tickets [cdiv(N, 16) * token tiles] that the shrink launched just before zeroes
+// (ShrinkArgs::tickets).
 void fused_parts(int64_t M, int64_t N, int64_t K, bool use_mma, int num_sms, int* kparts, int64_t* k_per_part);
+
+// Whether the fused forward runs as wide_kernel (64 columns per block, x staged in shared memory:
+// 17..64-token tiles when the grid needs at most 4 K parts, and prefill's expand-only) or as
+// skinny_kernel (16 columns per block). FusedArgs::wide must be this answer.
+bool fused_wide(int64_t M, int64_t N, bool use_mma, int num_sms);
 
 // Fused forward: y[m, n] = x[m]·W[n] + bias[n] + s(t) * sum_j h[m, j] * B[t][n, j],
 // h[m, j] = sum_s h_part[s, m, j], t = task_ids[m] (0 when task_ids is null), s(t) = scales[t]
@@ -80,6 +86,7 @@ struct FusedArgs {
   // of each tile (an int ticket). kparts <= 1: no split (part and tickets unused).
   int kparts; int64_t k_per_part;
   float* part;   // [kparts, M, N] fp32
+  bool wide;     // fused_wide(M, N, use_mma, SMs)
   int* tickets;  // [cdiv(N, 16) * token tiles], zeroed by the preceding shrink launch
 };
 

@@ -146,6 +146,45 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], uint32_t 
 #endif
 }
 
+// cp.async (sm_80+): a 16-byte global -> shared copy that does not pass through registers; with
+// `ok` false it fills zeros and reads nothing (src-size 0). Copies complete in commit groups:
+// cp_async_wait<N>() returns when all but the newest N groups have landed (for this thread; a
+// __syncthreads after it publishes them to the block). tests/cuda_emu models the late landing.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool ok) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(ok ? 16 : 0) : "memory");
+#elif defined(LK_EMULATE_CP_ASYNC)
+  LK_EMULATE_CP_ASYNC(smem, gmem, ok);
+#else
+  __trap();  // the host never picks the wide kernel below sm_80
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(LK_EMULATE_CP_ASYNC)
+  LK_EMULATE_CP_COMMIT();
+#endif
+}
+// A 16-byte read of a staged shared-memory buffer (tests/cuda_emu checks it for races with cp.async).
+template <typename T>
+__device__ __forceinline__ uint4 lds16(const T* p) {
+#ifdef LK_SMEM_READ
+  return *reinterpret_cast<const uint4*>(LK_SMEM_READ(p));
+#else
+  return *reinterpret_cast<const uint4*>(p);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#elif defined(LK_EMULATE_CP_ASYNC)
+  LK_EMULATE_CP_WAIT(N);
+#endif
+}
+
 // Programmatic Dependent Launch. The shrink lets the fused kernel launch at once, so the fused
 // kernel streams W (the ~7 us bulk at 4096x4096) while the shrink (~2 us, latency bound: A is
 // only 0.1-0.5 MiB) runs; the fused kernel waits for the shrink's h right before its epilogue.
@@ -266,16 +305,161 @@ struct Params {
   bool pdl;
 };
 
+// The fused kernels' epilogue. After the K loop a block holds out = x·Wᵀ (fp32) for its TM tokens and
+// COLS columns; thread tid owns column n = n0 + tid % COLS and tokens tok0 + kTokStride·q (q < Q).
+// finish() joins the K parts (K split across blocks), adds the bias and the expand s·h·B[t]ᵀ
+// (fp32: h never rounds to the input dtype) and writes y once. prefetch() runs before the K loop:
+// epilogue operands no other grid writes (bias, scales, the B rows) are fetched then, so they
+// arrive while W streams and after the loop only h waits on the PDL dependency (B is prefetched
+// into L2, so the expand reads it from there rather than from cold HBM).
+template <typename T, int TM, int COLS>
+struct FusedEpilogue {
+  static constexpr int kTokStride = kThreads / COLS;
+  static constexpr int Q = (TM + kTokStride - 1) / kTokStride;
+  int c, tok0;
+  int64_t n;
+  float bias_v = 0.f;
+
+  // Before the K loop: fills scale_s (shared [TM]: each token's scale, 0 for rows without a task;
+  // read by finish() after a barrier) and prefetches this thread's bias element and B rows into L2.
+  // Nothing is held in registers across the loop (the wide kernel has none to spare).
+  static __device__ __forceinline__ void prefetch(const Params& p, int tid, int64_t n0, const int64_t* rows_s,
+                                                  const int* task_s, float* scale_s) {
+    if (tid < TM) {
+      const int t = task_s[tid];
+      scale_s[tid] = rows_s[tid] < 0 || t < 0 ? 0.f : p.scales != nullptr ? __ldg(p.scales + t) : p.scale;
+    }
+    const int64_t n = n0 + tid % COLS;
+    if (n >= p.N) return;
+    if (p.bias != nullptr) prefetch_l2(static_cast<const T*>(p.bias) + n);
+    int prev = -1;  // the last task whose B row was prefetched (a thread's tokens mostly share one)
+#pragma unroll 1
+    for (int q = 0; q < Q; ++q) {
+      const int tok = tid / COLS + kTokStride * q;
+      if (tok >= TM || rows_s[tok] < 0 || task_s[tok] < 0 || task_s[tok] == prev) continue;
+      const int t = prev = task_s[tok];
+      const char* brow = reinterpret_cast<const char*>(static_cast<const T*>(p.b) + t * p.b_task_stride + n * p.ldb);
+      for (int64_t off = 0; off < p.r * static_cast<int64_t>(sizeof(T)); off += 128) prefetch_l2(brow + off);
+    }
+  }
+
+  // After the K loop: this thread's column and bias (an L2 hit by now).
+  __device__ __forceinline__ FusedEpilogue(const Params& p, int tid, int64_t n0)
+      : c(tid % COLS), tok0(tid / COLS), n(n0 + tid % COLS) {
+    const T* bias = static_cast<const T*>(p.bias);
+    if (bias != nullptr && n < p.N) bias_v = Num<T>::f(__ldg(bias + n));
+  }
+
+  // o: shared [TM][COLS], x·Wᵀ over this block's K range; thread tid reads and writes only its own
+  // elements (tok0 + kTokStride·q, c), so no barrier guards o. In shared memory rather than Q
+  // registers: a loop over q can then stay rolled (Q = 16 in wide_kernel: unrolled, the expand alone
+  // took ~15k instructions and spilled). hs: TM·(kRC + 1) floats, disjoint from o and no longer read
+  // by any thread, for the h chunks.
+  __device__ __forceinline__ void finish(const Params& p, float* o, float* hs, int split, int64_t z,
+                                         const int64_t* rows_s, const int* task_s, const float* scale_s, int tid) {
+    if (p.kparts > 1) {
+      // K split across blocks (small grids, e.g. N = 1024: 64 column blocks for 132 SMs). Each part
+      // stores its fp32 partial; the last part of this tile to finish (an integer ticket: no float
+      // atomics) sums all parts in part order, so the result does not depend on which block came
+      // last, and runs the epilogue. The tickets were zeroed by the shrink: wait for it first.
+#pragma unroll 4
+      for (int q = 0; q < Q; ++q) {
+        const int tok = tok0 + kTokStride * q;
+        if (tok < TM && rows_s[tok] >= 0 && n < p.N)
+          p.part[(static_cast<int64_t>(split) * p.M + rows_s[tok]) * p.N + n] = o[tok * COLS + c];
+      }
+      pdl_wait();  // the tickets are zeroed by the shrink
+      __threadfence();  // this block's partials are visible before its ticket is
+      __shared__ int last_s;
+      __syncthreads();
+      if (tid == 0) last_s = atomicAdd(p.tickets + blockIdx.x + static_cast<int64_t>(gridDim.x) * z, 1) == p.kparts - 1;
+      __syncthreads();
+      if (!last_s) return;
+      __threadfence();  // the other parts' partials, made visible by their fences, are read after the ticket
+#pragma unroll 4
+      for (int q = 0; q < Q; ++q) {
+        const int tok = tok0 + kTokStride * q;
+        float v = 0.f;
+        if (tok < TM && rows_s[tok] >= 0 && n < p.N)
+          for (int s = 0; s < p.kparts; ++s) v += ld_cg(p.part + (static_cast<int64_t>(s) * p.M + rows_s[tok]) * p.N + n);
+        if (tok < TM) o[tok * COLS + c] = v;
+      }
+    }
+    // Expand: o += s(t) · sum_j h[row, j] · B[t][n, j], h staged in kRC-wide chunks (fp32).
+    bool mine = false;  // does this block have a row with a task?
+    if (tid < TM) mine = rows_s[tid] >= 0 && task_s[tid] >= 0;
+    pdl_wait();  // h_part is the shrink's output (and y, in accumulate mode, is read below)
+    const bool any_task = __syncthreads_or(mine);
+    if (any_task) {
+      const T* B = static_cast<const T*>(p.b);
+      constexpr int VEC = 16 / sizeof(T);
+      const bool vec = (reinterpret_cast<uintptr_t>(B) % 16 == 0) && (p.ldb % VEC == 0) && (p.b_task_stride % VEC == 0);
+      for (int64_t j0 = 0; j0 < p.r; j0 += kRC) {
+        const int jn = static_cast<int>(min(static_cast<int64_t>(kRC), p.r - j0));
+        __syncthreads();  // previous chunk (or what the kernel kept there) no longer read
+        for (int e = tid; e < TM * kRC; e += kThreads) {
+          const int i = e / kRC, jj = e % kRC;
+          const int64_t row = rows_s[i];
+          float v = 0.f;
+          if (row >= 0 && task_s[i] >= 0 && jj < jn) {
+            for (int s = 0; s < p.ksplit; ++s) v += ld(p.h_part + (static_cast<int64_t>(s) * p.M + row) * p.r + j0 + jj);
+          }
+          hs[i * (kRC + 1) + jj] = v;
+        }
+        __syncthreads();
+#pragma unroll 2
+        for (int q = 0; q < Q; ++q) {
+          const int tok = tok0 + kTokStride * q;
+          if (tok >= TM || rows_s[tok] < 0 || task_s[tok] < 0 || n >= p.N) continue;
+          const T* brow = B + task_s[tok] * p.b_task_stride + n * p.ldb + j0;
+          const float* hrow = hs + tok * (kRC + 1);
+          float a = 0.f;
+          int jj = 0;
+          if (vec) {
+            for (; jj + VEC <= jn; jj += VEC) {
+              const uint4 raw = ld16(brow + jj);
+              const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+              for (int v = 0; v < VEC; ++v) a = fmaf(hrow[jj + v], Num<T>::f(e[v]), a);
+            }
+          }
+          for (; jj < jn; ++jj) a = fmaf(hrow[jj], Num<T>::f(__ldg(brow + jj)), a);
+          o[tok * COLS + c] = fmaf(scale_s[tok], a, o[tok * COLS + c]);
+        }
+      }
+    }
+    T* y = static_cast<T*>(p.y);
+#pragma unroll 4
+    for (int q = 0; q < Q; ++q) {
+      const int tok = tok0 + kTokStride * q;
+      if (tok >= TM || n >= p.N) continue;
+      const int64_t row = rows_s[tok];
+      if (row < 0) continue;
+      const int t = task_s[tok];
+      T* yp = y + row * p.ldy + n;
+      const float v = o[tok * COLS + c];
+      if (p.accumulate) {  // o is the LoRA term alone (K = 0)
+        if (t >= 0) *yp = Num<T>::of(Num<T>::f(*yp) + v);  // t < 0: untouched, bit-exact base
+      } else {
+        *yp = Num<T>::of(v + bias_v);  // t < 0: x·Wᵀ + b only, no LoRA term (not + 0·garbage)
+      }
+    }
+  }
+};
+
 // The body shared by the shrink (SHRINK) and the fused forward. TM = 8·MT tokens per block.
 template <typename T, int MT, bool MMA, bool SHRINK>
 __global__ void __launch_bounds__(kThreads, kMinBlocks(MMA, MT)) skinny_kernel(const Params p) {
   constexpr int TM = 8 * MT;
-  constexpr int Q = (TM * kCols + kThreads - 1) / kThreads;  // outputs per thread after the reduction
+  using Epi = FusedEpilogue<T, TM, kCols>;
+  constexpr int Q = Epi::Q;  // outputs per thread after the reduction
   // Warp partials [warp][token][col]; reused by the epilogue for h chunks [TM][kRC + 1].
   __shared__ __align__(16) float smem[kWarps * TM * kCols];
   static_assert(TM * (kRC + 1) <= kWarps * TM * kCols, "h chunk must fit in the reduction buffer");
   __shared__ int64_t rows_s[TM];
   __shared__ int task_s[TM];
+  __shared__ float scale_s[TM];
+  __shared__ float o_s[SHRINK ? 1 : TM * kCols];  // the fused epilogue's output tile
 
   if (SHRINK) pdl_launch_dependents();  // let the fused kernel start streaming W now
   // The shrink zeroes the fused kernel's K-part tickets: the fused kernel touches them only after its
@@ -307,31 +491,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks(MMA, MT)) skinny_kernel(c
   }
   __syncthreads();
 
-  // After the reduction, thread tid owns column c of the block and tokens tok0 + 16q.
+  // After the reduction, thread tid owns column c of the block and tokens tok0 + 16q (as the epilogue).
   const int c = tid & (kCols - 1);
   const int tok0 = tid >> 4;
   const int64_t n = n0 + c;
-  // Epilogue operands no other grid writes (bias, scales, the B rows) are fetched now, before the
-  // K loop: they arrive while W streams, and after the loop only h waits on the PDL dependency
-  // (B is prefetched into L2, so the expand reads it from there rather than from cold HBM).
-  float bias_v = 0.f;
-  float scale_v[Q];
-#pragma unroll
-  for (int q = 0; q < Q; ++q) scale_v[q] = 0.f;
-  if constexpr (!SHRINK) {
-    const T* bias = static_cast<const T*>(p.bias);
-    if (bias != nullptr && n < p.N) bias_v = Num<T>::f(__ldg(bias + n));
-#pragma unroll
-    for (int q = 0; q < Q; ++q) {
-      const int tok = tok0 + 16 * q;
-      if (tok >= TM || rows_s[tok] < 0 || task_s[tok] < 0) continue;
-      const int t = task_s[tok];
-      scale_v[q] = p.scales != nullptr ? __ldg(p.scales + t) : p.scale;
-      if (n >= p.N) continue;
-      const char* brow = reinterpret_cast<const char*>(static_cast<const T*>(p.b) + t * p.b_task_stride + n * p.ldb);
-      for (int64_t off = 0; off < p.r * static_cast<int64_t>(sizeof(T)); off += 128) prefetch_l2(brow + off);
-    }
-  }
+  if (!SHRINK) Epi::prefetch(p, tid, n0, rows_s, task_s, scale_s);
 
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.w);
@@ -453,37 +617,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks(MMA, MT)) skinny_kernel(c
       for (int wi = 0; wi < kWarps; ++wi) v += smem[(wi * TM + tok) * kCols + c];
     }
     out[q] = v;
-  }
-
-  if constexpr (!SHRINK) {
-    if (p.kparts > 1) {
-      // K split across blocks (small grids, e.g. N = 1024: 64 column blocks for 132 SMs). Each part
-      // stores its fp32 partial; the last part of this tile to finish (an integer ticket: no float
-      // atomics) sums all parts in part order, so the result does not depend on which block came
-      // last, and runs the epilogue. The tickets were zeroed by the shrink: wait for it first.
-#pragma unroll
-      for (int q = 0; q < Q; ++q) {
-        const int tok = tok0 + 16 * q;
-        if (tok < TM && rows_s[tok] >= 0 && n < p.N)
-          p.part[(static_cast<int64_t>(split) * p.M + rows_s[tok]) * p.N + n] = out[q];
-      }
-      pdl_wait();  // the tickets are zeroed by the shrink
-      __threadfence();  // this block's partials are visible before its ticket is
-      __shared__ int last_s;
-      __syncthreads();
-      if (tid == 0) last_s = atomicAdd(p.tickets + blockIdx.x + static_cast<int64_t>(gridDim.x) * z, 1) == p.kparts - 1;
-      __syncthreads();
-      if (!last_s) return;
-      __threadfence();  // the other parts' partials, made visible by their fences, are read after the ticket
-#pragma unroll
-      for (int q = 0; q < Q; ++q) {
-        const int tok = tok0 + 16 * q;
-        float v = 0.f;
-        if (tok < TM && rows_s[tok] >= 0 && n < p.N)
-          for (int s = 0; s < p.kparts; ++s) v += ld_cg(p.part + (static_cast<int64_t>(s) * p.M + rows_s[tok]) * p.N + n);
-        out[q] = v;
-      }
-    }
+    if (!SHRINK && tok < TM) o_s[tok * kCols + c] = v;  // the epilogue's tile (each element: its owner only)
   }
 
   if constexpr (SHRINK) {
@@ -495,108 +629,230 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks(MMA, MT)) skinny_kernel(c
     }
     return;
   } else {
-    // Expand: lora[q] = sum_j h[row, j] · B[t][n, j], h staged in kRC-wide chunks (fp32).
-    float lora[Q];
-#pragma unroll
-    for (int q = 0; q < Q; ++q) lora[q] = 0.f;
-    bool mine = false;  // does this block have a row with a task?
-    if (tid < TM) mine = rows_s[tid] >= 0 && task_s[tid] >= 0;
-    pdl_wait();  // h_part is the shrink's output (and y, in accumulate mode, is read below)
-    const bool any_task = __syncthreads_or(mine);
-    if (any_task) {
-      const T* B = static_cast<const T*>(p.b);
-      constexpr int VEC = 16 / sizeof(T);
-      const bool vec = (reinterpret_cast<uintptr_t>(B) % 16 == 0) && (p.ldb % VEC == 0) && (p.b_task_stride % VEC == 0);
-      float* hs = smem;
-      for (int64_t j0 = 0; j0 < p.r; j0 += kRC) {
-        const int jn = static_cast<int>(min(static_cast<int64_t>(kRC), p.r - j0));
-        __syncthreads();  // previous chunk (or the reduction buffer) no longer read
-        for (int e = tid; e < TM * kRC; e += kThreads) {
-          const int i = e / kRC, jj = e % kRC;
-          const int64_t row = rows_s[i];
-          float v = 0.f;
-          if (row >= 0 && task_s[i] >= 0 && jj < jn) {
-            for (int s = 0; s < p.ksplit; ++s) v += ld(p.h_part + (static_cast<int64_t>(s) * p.M + row) * p.r + j0 + jj);
-          }
-          hs[i * (kRC + 1) + jj] = v;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int q = 0; q < Q; ++q) {
-          const int tok = tok0 + 16 * q;
-          if (tok >= TM || rows_s[tok] < 0 || task_s[tok] < 0 || n >= p.N) continue;
-          const T* brow = B + task_s[tok] * p.b_task_stride + n * p.ldb + j0;
-          const float* hrow = hs + tok * (kRC + 1);
-          float a = 0.f;
-          int jj = 0;
-          if (vec) {
-            for (; jj + VEC <= jn; jj += VEC) {
-              const uint4 raw = ld16(brow + jj);
-              const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-              for (int v = 0; v < VEC; ++v) a = fmaf(hrow[jj + v], Num<T>::f(e[v]), a);
-            }
-          }
-          for (; jj < jn; ++jj) a = fmaf(hrow[jj], Num<T>::f(__ldg(brow + jj)), a);
-          lora[q] += a;
-        }
-      }
-    }
-    T* y = static_cast<T*>(p.y);
-#pragma unroll
-    for (int q = 0; q < Q; ++q) {
-      const int tok = tok0 + 16 * q;
-      if (tok >= TM || n >= p.N) continue;
-      const int64_t row = rows_s[tok];
-      if (row < 0) continue;
-      const int t = task_s[tok];
-      T* yp = y + row * p.ldy + n;
-      if (p.accumulate) {
-        if (t >= 0) *yp = Num<T>::of(Num<T>::f(*yp) + scale_v[q] * lora[q]);  // t < 0: untouched, bit-exact base
-      } else {
-        float v = out[q] + bias_v;
-        if (t >= 0) v += scale_v[q] * lora[q];  // t < 0: no LoRA term at all (not + 0·garbage)
-        *yp = Num<T>::of(v);
-      }
-    }
+    Epi(p, tid, n0).finish(p, o_s, smem, split, z, rows_s, task_s, scale_s, tid);
   }
 }
 
-template <typename T, int MT, bool MMA, bool SHRINK>
-cudaError_t launch(const Params& p0, unsigned gx, unsigned gy, int64_t gz, cudaStream_t stream) {
-  // gridDim.z is capped at 65535: long token grids go in several launches.
+// ---- wide_kernel: the fused forward for 17..64 tokens (MT = 4, 8; tensor cores, 16-byte aligned rows).
+// Why a second kernel: skinny_kernel gives a block 16 columns and every block reads the tile's x rows,
+// so L2 -> SM traffic is (1 + M/16)·|W|: 3|W| at M = 32, 5|W| at M = 64, more than L2 serves in the
+// time HBM streams W once (~2.5x HBM bandwidth). Here a block owns kWideCols = 64 columns (4 column
+// warps x 16) and stages the tile's x in shared memory once for all of them, chunk by chunk through a
+// double buffer that cp.async fills (x never passes through registers): (1 + M/64)·|W| plus the K
+// parts' partials, which fused_parts keeps small. The 8 warps are 4 column warps x 2 K halves: warps
+// w and w + 4 take alternate 32-wide k steps of the same columns and are joined through shared
+// memory after the loop (fixed order). W streams as in skinny_kernel, straight from global memory
+// into MMA fragments with 16-byte loads: the S steps x 2 rows of the next chunk are issued before the
+// current chunk's MMAs, so a thread keeps 2S loads of W in flight (8 at MT = 4, 4 at MT = 8).
+constexpr int kWideCols = 64;
+constexpr int kWideColWarps = kWideCols / kCols;  // 4
+// k per staged x chunk: two buffers of TM x (chunk + kXPad) elements stay under the 48 KiB of static
+// shared memory (20 KiB at MT = 4, 40 KiB at MT = 8). A warp takes S = 2 steps of each chunk, so it
+// keeps 4 loads of W in flight: a 256-wide chunk (8 in flight) needs ~32 more registers than the
+// 128 that 2 blocks per SM allow.
+constexpr int kWideChunk = 128;
+// Padding of each staged x row: rows 16 banks apart, so the 8 lanes of a quarter warp (rows g, g+1,
+// 16 bytes each at 4 k offsets) read 32 distinct banks.
+constexpr int kXPad = 32;
+
+template <typename T, int MT>
+__global__ void __launch_bounds__(kThreads, 2) wide_kernel(const Params p) {
+  constexpr int TM = 8 * MT;
+  constexpr int KC = kWideChunk;
+  constexpr int LDS = KC + kXPad;       // row stride of a staged x chunk, elements
+  constexpr int S = KC / (2 * kStep);   // k steps per warp per chunk
+  constexpr int kPieces = TM * KC / 8;  // 16-byte pieces per x chunk
+  constexpr int kXBytes = static_cast<int>(2 * TM * LDS * sizeof(T));
+  using Epi = FusedEpilogue<T, TM, kWideCols>;
+  static_assert(kPieces % kThreads == 0, "every thread copies the same number of x pieces");
+  static_assert(2 * TM * kWideCols * sizeof(float) <= kXBytes, "the K-half join must fit in the x buffers");
+  static_assert(TM * (kWideCols + kRC + 1) * sizeof(float) <= kXBytes, "the output tile and an h chunk must fit");
+  // The x double buffer [2][TM][LDS]; after the K loop the same bytes hold the K-half join
+  // [2][TM][kWideCols] (fp32), then the epilogue's output tile [TM][kWideCols] and its h chunks.
+  __shared__ __align__(16) unsigned char smem_raw[kXBytes];
+  __shared__ int64_t rows_s[TM];
+  __shared__ int task_s[TM];
+  __shared__ float scale_s[TM];
+  T* xs = reinterpret_cast<T*>(smem_raw);
+  float* fs = reinterpret_cast<float*>(smem_raw);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int wn = warp % kWideColWarps, wk = warp / kWideColWarps;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kWideCols;
+  const int split = blockIdx.y;
+  const int64_t z = blockIdx.z + p.z_offset;
+  if (tid < TM) {
+    const int64_t m = z * TM + tid;
+    const int64_t row = m < p.M ? m : -1;
+    rows_s[tid] = row;
+    task_s[tid] = row >= 0 && p.task_ids != nullptr ? static_cast<int>(__ldg(p.task_ids + row)) : 0;
+  }
+  __syncthreads();
+  Epi::prefetch(p, tid, n0, rows_s, task_s, scale_s);
+
+  const T* x = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.w);
+  // k is 32-bit here (the host launches this kernel only for K < 2^31): registers are tight.
+  const int kbeg = static_cast<int>(split * p.k_per_split);
+  const int kend = static_cast<int>(min(p.K, split * p.k_per_split + p.k_per_split));
+  const int span = kend > kbeg ? kend - kbeg : 0;
+  const int full = span / KC;                  // whole chunks: unpredicated W loads
+  const int chunks = full + (span % KC != 0);  // + the last, partial one
+  // Rows past N (last column block) read row N-1: never stored, and the W loads stay unpredicated.
+  const int64_t col = n0 + wn * kCols;
+  const T* w0 = w + min(col + g, p.N - 1) * p.ldw;
+  const T* w1 = w + min(col + g + 8, p.N - 1) * p.ldw;
+
+  // x chunk c into buffer c & 1, one commit group per chunk. Thread tid copies the 16-byte pieces at
+  // k offset xk of rows xr0 + kRowStep·i (the tile's rows are z·TM + i, contiguous, so one pointer
+  // and a stride address them all: a pointer per piece would stay live across the K loop). Rows past
+  // M and k past kend are zero-filled, never read, so the MMAs need no guard.
+  constexpr int kPiecesPerRow = KC / 8;
+  constexpr int kRowStep = kThreads / kPiecesPerRow;
+  const int xr0 = tid / kPiecesPerRow, xk = (tid % kPiecesPerRow) * 8;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(TM), p.M - z * TM));  // valid rows of the tile
+  const T* xsrc = x + (z * TM + min(xr0, rows - 1)) * p.ldx + kbeg + xk;
+  auto stage_x = [&](int c) {
+    T* buf = xs + (c & 1) * TM * LDS + xr0 * LDS + xk;
+    const bool k_ok = kbeg + c * KC + xk < kend;
+#pragma unroll
+    for (int i = 0; i < kPieces / kThreads; ++i) {
+      const bool ok = k_ok && xr0 + kRowStep * i < rows;
+      cp_async16(buf + kRowStep * i * LDS, ok ? xsrc + kRowStep * i * p.ldx + c * KC : x, ok);
+    }
+  };
+  // W of this warp for one chunk: steps s = wk, wk + 2, ... of the chunk, rows g and g + 8, as MMA
+  // fragments.
+  struct WChunk { uint4 a[S], b[S]; };
+  const int k0 = kbeg + wk * kStep + t4 * 8;  // this thread's first k
+  auto load_w = [&](WChunk& wc, int c) {  // a whole chunk: no predicate
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int k = k0 + c * KC + s * 2 * kStep;
+      wc.a[s] = ld16(w0 + k);
+      wc.b[s] = ld16(w1 + k);
+    }
+  };
+  float acc[MT][4];
+#pragma unroll
+  for (int j = 0; j < MT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  auto multiply = [&](const WChunk& wc, int c) {
+    const T* buf = xs + (c & 1) * TM * LDS;
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int kk = (wk + 2 * s) * kStep + t4 * 8;
+#pragma unroll
+      for (int j = 0; j < MT; ++j) {  // x of tokens 8j + g from shared memory, right before its two MMAs
+        const uint4 xv = lds16(buf + (8 * j + g) * LDS + kk);
+        mma16816<T>(acc[j], wc.a[s].x, wc.b[s].x, wc.a[s].y, wc.b[s].y, xv.x, xv.y);
+        mma16816<T>(acc[j], wc.a[s].z, wc.b[s].z, wc.a[s].w, wc.b[s].w, xv.z, xv.w);
+      }
+    }
+  };
+
+  if (chunks > 0) {  // block-uniform
+    stage_x(0);
+    cp_async_commit();
+    WChunk now;
+    if (full > 0) load_w(now, 0);
+    // Main loop over whole chunks: chunk c + 1's x copies and W loads are issued before chunk c is
+    // multiplied, so they are in flight during its MMAs (the W loads of the next chunk only if it is
+    // whole: the partial one is loaded, guarded, in the peeled tail).
+    for (int c = 0; c < full; ++c) {
+      if (c + 1 < chunks) stage_x(c + 1);
+      cp_async_commit();  // possibly empty: keeps "all but the newest group" = chunk c
+      WChunk ahead;
+      if (c + 1 < full) load_w(ahead, c + 1);
+      cp_async_wait<1>();
+      __syncthreads();  // every thread's copies of chunk c have landed
+      multiply(now, c);
+      __syncthreads();  // chunk c's buffer is read by all before chunk c + 2 refills it
+      now = ahead;  // chunk c + 1's W fragments
+    }
+    if (full < chunks) {  // peeled tail: the last, partial chunk; k past kend is never loaded
+      const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        const int k = k0 + full * KC + s * 2 * kStep;
+        const bool ok = k < kend;  // the wide tail guard
+        now.a[s] = ok ? ld16(w0 + k) : zero;
+        now.b[s] = ok ? ld16(w1 + k) : zero;
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+      multiply(now, full);
+      __syncthreads();  // the x buffers are free again: the join below reuses them
+    }
+  }
+
+  Epi epi(p, tid, n0);
+  // Join the two K halves: C fragments (col g / g + 8, tokens 2t4, 2t4 + 1 (+ 8j)) to shared memory,
+  // then each thread sums its outputs' two halves in a fixed order (deterministic).
+  float* half_out = fs + wk * TM * kWideCols;
+#pragma unroll
+  for (int j = 0; j < MT; ++j) {
+    const int tok = 8 * j + 2 * t4, cc = wn * kCols + g;
+    half_out[tok * kWideCols + cc] = acc[j][0];
+    half_out[(tok + 1) * kWideCols + cc] = acc[j][1];
+    half_out[tok * kWideCols + cc + 8] = acc[j][2];
+    half_out[(tok + 1) * kWideCols + cc + 8] = acc[j][3];
+  }
+  __syncthreads();
+  // In place: each element of half 0 becomes the sum, read and written by its owner only; half 1's
+  // bytes then hold the h chunks (finish() starts with a barrier).
+#pragma unroll 4
+  for (int q = 0; q < Epi::Q; ++q) {
+    const int e = (epi.tok0 + Epi::kTokStride * q) * kWideCols + epi.c;
+    fs[e] += fs[TM * kWideCols + e];
+  }
+  epi.finish(p, fs, fs + TM * kWideCols, split, z, rows_s, task_s, scale_s, tid);
+}
+
+// One kernel over a grid; gridDim.z is capped at 65535, so long token grids go in several launches.
+// `fused`: the fused forward, launched with PDL behind the shrink when the binary has the wait.
+template <typename Kernel>
+cudaError_t launch(Kernel kernel, bool fused, const Params& p0, unsigned gx, unsigned gy, int64_t gz,
+                   cudaStream_t stream) {
   for (int64_t off = 0; off < gz; off += 65535) {
     Params p = p0;
     p.z_offset = off;
     const unsigned z = static_cast<unsigned>(gz - off < 65535 ? gz - off : 65535);
-    const bool pdl = !SHRINK && p.pdl && off == 0 && binary_has_pdl_wait(skinny_kernel<T, MT, MMA, SHRINK>);
-    const cudaError_t err = LK_LAUNCH((skinny_kernel<T, MT, MMA, SHRINK>), dim3(gx, gy, z), kThreads, stream, pdl, p);
+    const bool pdl = fused && p.pdl && off == 0 && binary_has_pdl_wait(kernel);
+    const cudaError_t err = LK_LAUNCH(kernel, dim3(gx, gy, z), kThreads, stream, pdl, p);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
 }
 
+// `wide`: the fused forward of a 32- or 64-token tile runs as wide_kernel (64 columns per block: gx
+// is cdiv(N, kWideCols) then, see launch_fused); every other launch is skinny_kernel.
 template <typename T, bool SHRINK>
-cudaError_t launch_mt(const Params& p, bool mma, int mt, unsigned gx, unsigned gy, int64_t gz, cudaStream_t stream) {
-  if (!mma) return launch<T, 1, false, SHRINK>(p, gx, gy, gz, stream);
+cudaError_t launch_mt(const Params& p, bool mma, int mt, bool wide, unsigned gx, unsigned gy, int64_t gz,
+                      cudaStream_t stream) {
+  if (!mma) return launch(skinny_kernel<T, 1, false, SHRINK>, !SHRINK, p, gx, gy, gz, stream);
   if constexpr (sizeof(T) == 2) {
+    if constexpr (!SHRINK) {
+      if (wide) return mt == 4 ? launch(wide_kernel<T, 4>, true, p, gx, gy, gz, stream)
+                               : launch(wide_kernel<T, 8>, true, p, gx, gy, gz, stream);
+    }
     switch (mt) {
-      case 1: return launch<T, 1, true, SHRINK>(p, gx, gy, gz, stream);
-      case 2: return launch<T, 2, true, SHRINK>(p, gx, gy, gz, stream);
-      case 4: return launch<T, 4, true, SHRINK>(p, gx, gy, gz, stream);
-      default: return launch<T, 8, true, SHRINK>(p, gx, gy, gz, stream);
+      case 1: return launch(skinny_kernel<T, 1, true, SHRINK>, !SHRINK, p, gx, gy, gz, stream);
+      case 2: return launch(skinny_kernel<T, 2, true, SHRINK>, !SHRINK, p, gx, gy, gz, stream);
+      case 4: return launch(skinny_kernel<T, 4, true, SHRINK>, !SHRINK, p, gx, gy, gz, stream);
+      default: return launch(skinny_kernel<T, 8, true, SHRINK>, !SHRINK, p, gx, gy, gz, stream);
     }
   }
   return cudaErrorInvalidValue;  // fp32 never takes the MMA path
 }
 
 template <bool SHRINK>
-cudaError_t launch_dtype(DType dt, const Params& p, bool mma, int mt, unsigned gx, unsigned gy, int64_t gz,
-                         cudaStream_t stream) {
+cudaError_t launch_dtype(DType dt, const Params& p, bool mma, int mt, bool wide, unsigned gx, unsigned gy,
+                         int64_t gz, cudaStream_t stream) {
   switch (dt) {
-    case DType::kFloat32: return launch_mt<float, SHRINK>(p, false, 1, gx, gy, gz, stream);
-    case DType::kFloat16: return launch_mt<__half, SHRINK>(p, mma, mt, gx, gy, gz, stream);
-    case DType::kBFloat16: return launch_mt<__nv_bfloat16, SHRINK>(p, mma, mt, gx, gy, gz, stream);
+    case DType::kFloat32: return launch_mt<float, SHRINK>(p, false, 1, false, gx, gy, gz, stream);
+    case DType::kFloat16: return launch_mt<__half, SHRINK>(p, mma, mt, wide, gx, gy, gz, stream);
+    case DType::kBFloat16: return launch_mt<__nv_bfloat16, SHRINK>(p, mma, mt, wide, gx, gy, gz, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -623,16 +879,34 @@ void shrink_splits(int64_t K, int64_t r, int64_t num_tiles, int tile_tokens, int
   *ksplit = static_cast<int>(K > 0 ? cdiv(K, kps) : 1);
 }
 
+bool fused_wide(int64_t M, int64_t N, bool use_mma, int num_sms) {
+  // wide_kernel stages x once per 64 columns (L2 -> SM traffic (1 + M/64)·|W| instead of (1 + M/16)·|W|)
+  // but has 4x fewer blocks: a grid that needs more than 4 K parts to fill the SMs (N = 1024: 16 column
+  // blocks, 16 parts) pays more in its serial join of the parts (the last block reads every part's
+  // 16 KiB tile) than it saves, so small N keeps skinny_kernel. Prefill (M > 64, accumulate) always
+  // takes the wide one: its grid is large.
+  const int tm = tile_tokens_for(M);
+  if (!use_mma || tm <= 16) return false;
+  const int64_t blocks = cdiv(N, kWideCols) * cdiv(M, tm);
+  const int64_t sms = num_sms > 0 ? num_sms : 132;
+  return 2 * sms / blocks <= 4;
+}
+
 void fused_parts(int64_t M, int64_t N, int64_t K, bool use_mma, int num_sms, int* kparts, int64_t* k_per_part) {
   // A grid of column blocks x token tiles smaller than the SM count leaves SMs without loads (N = 1024:
   // 64 blocks for 132 SMs): split K so that there are ~2 blocks per SM (what the register budget
   // allows the <= 32-token kernels; ~62 KiB of W in flight per SM). Larger grids are not split: a
   // split costs the partials' round trip through L2 and a serial join. Parts are whole pipeline
   // stages per warp (kUnroll[1] x 256 = 1024 elements), so a part still runs the unpredicated loop.
-  const int64_t blocks = cdiv(N, kCols) * cdiv(M, use_mma ? tile_tokens_for(M) : 8);
-  const int64_t unit = static_cast<int64_t>(kUnroll[1]) * kWarps * kStep;
+  // wide_kernel (17..64 tokens) has 4x fewer, 64-column blocks: its parts are whole x chunks, and at
+  // most 2 blocks per SM (floor, not ceil: its partials are 4-8x larger per column than skinny's, and
+  // a third block per SM would only queue behind the two resident ones).
+  const int tm = use_mma ? tile_tokens_for(M) : 8;
+  const bool wide = fused_wide(M, N, use_mma, num_sms);
+  const int64_t blocks = cdiv(N, wide ? kWideCols : kCols) * cdiv(M, tm);
+  const int64_t unit = wide ? kWideChunk : static_cast<int64_t>(kUnroll[1]) * kWarps * kStep;
   const int64_t sms = num_sms > 0 ? num_sms : 132;
-  int64_t want = blocks >= sms ? 1 : cdiv(2 * sms, blocks);
+  int64_t want = wide ? 2 * sms / blocks : blocks >= sms ? 1 : cdiv(2 * sms, blocks);
   if (want > K / unit) want = K / unit;
   if (want < 2) {
     *kparts = 1;
@@ -670,7 +944,7 @@ cudaError_t launch_shrink(const ShrinkArgs& a, cudaStream_t stream) {
     p.subs = 1;
     gz = cdiv(a.M, tm);
   }
-  return launch_dtype<true>(a.dtype, p, a.use_mma, tm / 8, static_cast<unsigned>(cdiv(a.r, kCols)),
+  return launch_dtype<true>(a.dtype, p, a.use_mma, tm / 8, false, static_cast<unsigned>(cdiv(a.r, kCols)),
                             static_cast<unsigned>(a.ksplit), gz, stream);
 }
 
@@ -690,7 +964,10 @@ cudaError_t launch_fused(const FusedArgs& a, cudaStream_t stream) {
   p.k_per_split = p.kparts > 1 ? a.k_per_part : a.K;
   p.part = a.part; p.tickets = a.tickets;
   const int tm = a.use_mma ? tile_tokens_for(a.M) : 8;
-  return launch_dtype<false>(a.dtype, p, a.use_mma, tm / 8, static_cast<unsigned>(cdiv(a.N, kCols)),
+  if (a.wide && !(a.use_mma && tm > 16)) return cudaErrorInvalidValue;  // not what fused_wide() answers
+  if (a.wide && a.K >= (int64_t{1} << 31)) return cudaErrorInvalidValue;  // its k offsets are 32-bit
+  const int cols = a.wide ? kWideCols : kCols;
+  return launch_dtype<false>(a.dtype, p, a.use_mma, tm / 8, a.wide, static_cast<unsigned>(cdiv(a.N, cols)),
                              static_cast<unsigned>(p.kparts), cdiv(a.M, tm), stream);
 }
 

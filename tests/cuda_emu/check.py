@@ -27,19 +27,21 @@ from tests.utils import assert_close
 
 def cases(lib):
     """(name, thunk) pairs; each thunk raises AssertionError on a wrong result."""
-    def single(m, k, n, r, dtype, num_sms=132, binary_version=90, bias=True):
+    def single(m, k, n, r, dtype, num_sms=132, binary_version=90, bias=True, eager=False):
         x, w, b0, a, b = emu.inputs(m, k, n, r, dtype, seed=m + k + n + r)
         b0 = b0 if bias else None
-        y, _ = emu.run(lib, x, w, b0, a, b, scale=0.75, num_sms=num_sms, binary_version=binary_version)
+        y, _ = emu.run(lib, x, w, b0, a, b, scale=0.75, num_sms=num_sms, binary_version=binary_version,
+                       cp_async_eager=eager)
         d = lambda t: None if t is None else t.double()  # noqa: E731
         assert_close(y, reference.lora_linear(d(x), d(w), d(b0), d(a), d(b), 0.75), dtype, f"single {m}x{k}->{n} r={r}")
 
-    def mixed(m, k, n, r, t, dtype, accumulate=False):
+    def mixed(m, k, n, r, t, dtype, accumulate=False, num_sms=132):
         x, w, b0, a, b = emu.inputs(m, k, n, r, dtype, t=t, seed=m * t)
         scales = torch.rand(t, generator=torch.Generator().manual_seed(1)) + 0.5
         ids = torch.randint(-1, t, (m,), generator=torch.Generator().manual_seed(m)).long()
         y0 = torch.nn.functional.linear(x, w, b0).clone() if accumulate else None
-        y, _ = emu.run(lib, x, w, b0, a, b, scales=scales, routing=Routing(ids, t), accumulate=accumulate, y=y0)
+        y, _ = emu.run(lib, x, w, b0, a, b, scales=scales, routing=Routing(ids, t), accumulate=accumulate, y=y0,
+                       num_sms=num_sms)
         ref = reference.lora_linear_mixed(x.double(), w.double(), b0.double(), a.double(), b.double(), scales.double(), ids)
         assert_close(y, ref, dtype, f"mixed {m}x{k}->{n} r={r} T={t}")
 
@@ -58,6 +60,15 @@ def cases(lib):
         ("bf16 mixed", lambda: mixed(20, 72, 33, 5, 4, bf)),
         ("fp32 mixed", lambda: mixed(9, 40, 17, 3, 3, f32)),
         ("bf16 expand only", lambda: mixed(70, 48, 20, 6, 3, bf, accumulate=True)),
+        # wide_kernel (few SMs, so that its grid needs <= 4 K parts): a whole chunk + a partial one, N past
+        # a 64-column block, M past a 32-token tile, K parts whose last chunk is partial, mixed tasks
+        # with -1 rows, both cp.async schedules, >= 3 chunks per part (a buffer is refilled) where eager.
+        ("bf16 wide tails", lambda: single(40, 200, 70, 5, bf, num_sms=1)),
+        ("bf16 wide tails, eager cp.async", lambda: single(40, 392, 70, 5, bf, num_sms=1, eager=True)),
+        ("fp16 wide K parts", lambda: single(33, 1000, 70, 4, f16, num_sms=4)),
+        ("fp16 wide K parts, eager cp.async", lambda: single(64, 1000, 70, 4, f16, num_sms=2, eager=True)),
+        ("bf16 wide mixed", lambda: mixed(20, 264, 72, 5, 4, bf, num_sms=1)),
+        ("bf16 wide expand only", lambda: mixed(130, 48, 200, 6, 3, bf, accumulate=True, num_sms=2)),
     ]
 
 

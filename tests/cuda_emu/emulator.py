@@ -51,6 +51,7 @@ def build(so: Path, csrc: Path = ROOT / "csrc", sanitize: bool = False) -> ctype
     lib = ctypes.CDLL(str(so))
     lib.emu_forward.restype = ctypes.c_int
     lib.emu_fault.restype = ctypes.c_char_p
+    lib.emu_set_cp_async_eager.argtypes = [ctypes.c_int]
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.emu_forward.argtypes = [i32, p, p, p, p, p, p, i64, i64, i64, i64, i64, p, p, p, i64, i32, p, f32, i32, i32,
                                 i32, i32]
@@ -62,8 +63,10 @@ def _ptr(t):
 
 
 def run(lib, x, w, bias, a, b, *, scale=1.0, scales=None, routing=None, allow_mma=True, accumulate=False, y=None,
-        num_sms=132, binary_version=90):
+        num_sms=132, binary_version=90, cp_async_eager=False):
     """One forward through the emulated kernels; returns (y, info code from the harness).
+
+    ``cp_async_eager``: cp.async copies land at issue instead of at their wait (see include/emu.h).
 
     Fails (AssertionError) when a launcher failed or a load was out of bounds or misaligned.
     """
@@ -78,6 +81,7 @@ def run(lib, x, w, bias, a, b, *, scale=1.0, scales=None, routing=None, allow_mm
     if routing is not None:
         tiles, tt = cuda.tiles_of(routing, "cpu")
         order, ids, num_tiles = routing.order, routing.task_ids, tiles.shape[0]
+    lib.emu_set_cp_async_eager(int(cp_async_eager))
     info = lib.emu_forward(CODES[x.dtype], _ptr(x), _ptr(w), _ptr(bias), _ptr(a), _ptr(b), _ptr(y), m, n, k, r, t,
                            _ptr(ids), _ptr(order), _ptr(tiles), num_tiles, tt, _ptr(scales), float(scale),
                            int(allow_mma), int(accumulate), num_sms, binary_version)

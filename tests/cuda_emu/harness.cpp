@@ -18,10 +18,14 @@ void add_range(const void* p, int64_t count, size_t elem, const char* name) {
 }
 }  // namespace
 
+// cp.async schedule of the next calls: 0 deferred (lands at the wait), 1 eager (lands at issue); see emu.h.
+extern "C" void emu_set_cp_async_eager(int eager) { emu::g_cp_eager = eager != 0; }
+
 // The first bad load of the last call ("" when none).
 extern "C" const char* emu_fault() { return emu::g_fault; }
 
-// Returns kparts * 100000 + ksplit * 1000 + 100 (shrink on tensor cores) + 10 (fused on tensor cores), -1 when a
+// Returns kparts * 100000 + ksplit * 1000 + 100 (shrink on tensor cores) + 10 (fused on tensor cores) + 1 (fused
+// forward by wide_kernel), -1 when a
 // launcher failed, -2 when a load was out of bounds or misaligned (emu_fault() says which).
 // binary_version: the architecture of the binary "the driver runs" (80: no PDL wait compiled in).
 extern "C" int emu_forward(int dtype, const void* x, const void* w, const void* bias, const void* a, const void* b,
@@ -81,6 +85,7 @@ extern "C" int emu_forward(int dtype, const void* x, const void* w, const void* 
   fa.task_ids = task_ids; fa.scales = scales; fa.scale = scale; fa.accumulate = accumulate != 0;
   fa.use_mma = allow_mma && (accumulate ? dt != DType::kFloat32 : mma_fused);
   fa.pdl = launched && !accumulate;  // as bindings.cpp on an sm_90 device
+  fa.wide = fused_wide(M, N, fa.use_mma, num_sms);
   fa.kparts = kparts; fa.k_per_part = k_per_part;
   fa.part = kparts > 1 ? part.data() : nullptr;
   fa.tickets = kparts > 1 ? tickets.data() : nullptr;
@@ -104,5 +109,5 @@ extern "C" int emu_forward(int dtype, const void* x, const void* w, const void* 
   emu::g_ranges.clear();
   if (err != cudaSuccess) return -1;
   if (emu::g_fault[0]) return -2;
-  return kparts * 100000 + ksplit * 1000 + (sa.use_mma ? 100 : 0) + (fa.use_mma ? 10 : 0);
+  return kparts * 100000 + ksplit * 1000 + (sa.use_mma ? 100 : 0) + (fa.use_mma ? 10 : 0) + (fa.wide ? 1 : 0);
 }

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <unordered_map>
 #include <vector>
 
 #define __global__
@@ -146,6 +147,77 @@ inline void pdl_end() {  // the primary has long finished once the dependent gri
     g_pdl_release();
   }
 }
+// --- cp.async: a 16-byte global -> shared copy that lands late. Per thread, copies queue in commit
+// groups and cp.async.wait_group N performs all but the newest N groups. Two schedules, both legal
+// on a GPU, catch different missing synchronisation (harness: emu_set_cp_async_eager):
+//  - deferred (default): a copy lands at its thread's wait, so shared memory read before the wait,
+//    or before the barrier that follows every thread's wait, is stale;
+//  - eager: a copy lands at issue, so a buffer refilled while other threads still read it (a
+//    missing barrier between the reads and the next refill) is overwritten under them.
+// The source is checked like a load (bounds, 16-byte alignment); the destination's alignment too.
+// Races on the copies' destination (a racecheck of its own): shared-memory reads of the kernels'
+// staged buffers go through LK_SMEM_READ, which records each 16-byte granule's reader and the block
+// barrier epoch (the barrier generation); a copy landing on a granule that another thread read in
+// the same epoch, or a read of a granule another thread's copy landed on in the same epoch, is a
+// race: nothing orders the two on a GPU.
+struct Touch { int epoch = -1, tid = -1; };
+struct SmemTouch { Touch read, landed; };
+inline std::unordered_map<uintptr_t, SmemTouch> g_smem;
+inline int epoch();
+inline void race(const char* what) {
+  if (!g_fault[0]) snprintf(g_fault, sizeof g_fault, "shared-memory race: %s in one barrier interval", what);
+}
+struct CpAsync { void* dst; const void* src; bool ok; int tid; };
+inline std::vector<CpAsync> g_cp_open[kThreads];
+inline std::vector<std::vector<CpAsync>> g_cp_groups[kThreads];  // committed, oldest first
+inline bool g_cp_eager = false;
+inline void cp_land(const CpAsync& c) {
+  unsigned char v[16] = {};
+  if (c.ok) {
+    check_load(c.src, 16, 16);
+    if (!g_fault[0]) std::memcpy(v, c.src, 16);
+  }
+  if (reinterpret_cast<uintptr_t>(c.dst) % 16 != 0 && !g_fault[0])
+    snprintf(g_fault, sizeof g_fault, "misaligned cp.async destination in shared memory");
+  SmemTouch& t = g_smem[reinterpret_cast<uintptr_t>(c.dst) / 16];
+  if (t.read.epoch == epoch() && t.read.tid != c.tid) race("a cp.async landed on bytes another thread read");
+  t.landed = {epoch(), c.tid};
+  std::memcpy(c.dst, v, 16);
+}
+template <class T> inline const T* smem_read(const T* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const int tid = static_cast<int>(threadIdx.x);
+  for (uintptr_t g = a / 16; g <= (a + sizeof(T) - 1) / 16; ++g) {
+    SmemTouch& t = g_smem[g];
+    if (t.landed.epoch == epoch() && t.landed.tid != tid) race("a read of bytes another thread's cp.async landed on");
+    t.read = {epoch(), tid};
+  }
+  return p;
+}
+inline void cp_async16(void* dst, const void* src, bool ok) {
+  const CpAsync c{dst, src, ok, static_cast<int>(threadIdx.x)};
+  if (g_cp_eager) cp_land(c);
+  else g_cp_open[threadIdx.x].push_back(c);
+}
+inline void cp_commit() {
+  g_cp_groups[threadIdx.x].push_back(std::move(g_cp_open[threadIdx.x]));
+  g_cp_open[threadIdx.x].clear();
+}
+inline void cp_wait(int newest_pending) {
+  auto& groups = g_cp_groups[threadIdx.x];
+  while (static_cast<int>(groups.size()) > newest_pending) {
+    for (const CpAsync& c : groups.front()) cp_land(c);
+    groups.erase(groups.begin());
+  }
+}
+inline void cp_reset() {  // a new block: nothing in flight, no shared-memory history
+  for (int t = 0; t < kThreads; ++t) {
+    g_cp_open[t].clear();
+    g_cp_groups[t].clear();
+  }
+  g_smem.clear();
+}
+
 constexpr size_t kStack = 64 * 1024;
 
 struct Fiber {
@@ -166,6 +238,7 @@ struct Block {
   int orv = 0;
 };
 inline Block* g_block = nullptr;
+inline int epoch() { return g_block->gen; }  // block barriers completed so far
 inline const std::function<void()>* g_body = nullptr;
 
 inline void fiber_entry() {
@@ -203,6 +276,7 @@ inline void launch(const std::function<void()>& body, dim3 grid, int threads) {
       for (unsigned x = 0; x < grid.x; ++x) {
         Block* bk = new Block();
         g_block = bk;
+        cp_reset();
         blockIdx = {x, y, z};
         for (int t = 0; t < kThreads; ++t) {
           Fiber& f = bk->fibers[t];
@@ -321,5 +395,9 @@ inline void __threadfence() {}
 
 #define LK_EMULATE_MMA(d, a0, a1, a2, a3, b0, b1, T) ::emu::mma<T>(d, a0, a1, a2, a3, b0, b1)
 #define LK_EMULATE_PDL_WAIT() ::emu::pdl_wait()
+#define LK_EMULATE_CP_ASYNC(dst, src, ok) ::emu::cp_async16(dst, src, ok)
+#define LK_EMULATE_CP_COMMIT() ::emu::cp_commit()
+#define LK_EMULATE_CP_WAIT(n) ::emu::cp_wait(n)
+#define LK_SMEM_READ(p) ::emu::smem_read(p)
 #define LK_LAUNCH(kernel, grid, block, stream, pdl, ...) \
   (::emu::pdl_begin(pdl), ::emu::launch([&] { kernel(__VA_ARGS__); }, grid, block), ::emu::pdl_end(), cudaSuccess)
