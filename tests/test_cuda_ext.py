@@ -111,9 +111,16 @@ def test_half_kernels_use_tensor_cores(compiled, arch):
     assert "HMMA" in sass, f"no HMMA (mma.sync) instructions in the {arch} SASS of lora_linear.cu"
 
 
-# The fused bf16 forward per MT, as mangled names: skinny_kernel below 17 tokens, wide_kernel above.
-FUSED_BF16 = {1: "skinny_kernelI13__nv_bfloat16Li1ELb1ELb0E", 2: "skinny_kernelI13__nv_bfloat16Li2ELb1ELb0E",
-              4: "wide_kernelI13__nv_bfloat16Li4E", 8: "wide_kernelI13__nv_bfloat16Li8E"}
+# The fused bf16 forward kernels, as (kernel, MT) -> mangled name prefix.
+FUSED_BF16 = {**{("skinny", mt): f"skinny_kernelI13__nv_bfloat16Li{mt}ELb1ELb0E" for mt in (1, 2, 4, 8)},
+              **{("wide", mt): f"wide_kernelI13__nv_bfloat16Li{mt}E" for mt in (4, 8)}}
+
+
+def _plan_tables(plan, kernel):
+    """(registers, shared memory, loads in flight) tables of lora_kernels.plan.cuda for ``kernel``."""
+    if kernel == "wide":
+        return plan.WIDE_REGS, plan.WIDE_SMEM, plan.WIDE_LOADS_IN_FLIGHT
+    return plan.REGS, plan.SMEM, plan.LOADS_IN_FLIGHT
 
 
 def _ptxas_resources(log: str, arch: str) -> dict:
@@ -137,12 +144,13 @@ def test_launch_plan_resources_match_the_compile(compiled):
     rc, log, _, _ = compiled["lora_linear.cu"]
     assert rc == 0
     res = _ptxas_resources(log, "sm_90a")
-    for mt, name in FUSED_BF16.items():
+    for (kernel, mt), name in FUSED_BF16.items():
         found = [v for k, v in res.items() if k.startswith(name)]
         assert len(found) == 1, f"{name} not (or twice) in the ptxas report: {sorted(res)}"
         regs, smem = found[0]
-        assert smem == plan.SMEM[mt], f"MT={mt}: ptxas says {smem} B of shared memory, the plan {plan.SMEM[mt]}"
-        assert regs == plan.REGS[mt], f"MT={mt}: ptxas says {regs} registers, the plan {plan.REGS[mt]}"
+        plan_regs, plan_smem, _ = _plan_tables(plan, kernel)
+        assert smem == plan_smem[mt], f"{kernel} MT={mt}: ptxas says {smem} B of shared memory, the plan {plan_smem[mt]}"
+        assert regs == plan_regs[mt], f"{kernel} MT={mt}: ptxas says {regs} registers, the plan {plan_regs[mt]}"
 
 
 # --- loads in flight, read from the SASS ---------------------------------------------------------
@@ -216,15 +224,16 @@ def test_launch_plan_loads_in_flight_match_the_sass(compiled, arch):
     sass = _sass(compiled, arch)
     found = {}
     for name, body in _sass_functions(sass).items():
-        for mt, kernel in FUSED_BF16.items():
-            if kernel in name:
-                found[mt] = sass_loads_in_flight(_main_loop(body))
-    assert sorted(found) == [1, 2, 4, 8], f"fused bf16 kernels not found in the {arch} SASS: {sorted(found)}"
-    for mt, (per_iter, peak) in found.items():
-        print(f"{arch} MT={mt}: {per_iter} LDG.E.128 per iteration, {peak} in flight")
-        assert peak == plan.LOADS_IN_FLIGHT[mt], (f"{arch} MT={mt}: {peak} 16-byte loads in flight in the SASS, "
-                                                 f"the plan says {plan.LOADS_IN_FLIGHT[mt]}: update lora_kernels/plan/cuda.py")
-        assert peak >= 0.8 * per_iter, f"{arch} MT={mt}: only {peak} of {per_iter} loads in flight: loads wait on MMAs"
+        for key, prefix in FUSED_BF16.items():
+            if prefix in name:
+                found[key] = sass_loads_in_flight(_main_loop(body))
+    assert sorted(found) == sorted(FUSED_BF16), f"fused bf16 kernels not found in the {arch} SASS: {sorted(found)}"
+    for (kernel, mt), (per_iter, peak) in found.items():
+        print(f"{arch} {kernel} MT={mt}: {per_iter} LDG.E.128 per iteration, {peak} in flight")
+        want = _plan_tables(plan, kernel)[2][mt]
+        assert peak == want, (f"{arch} {kernel} MT={mt}: {peak} 16-byte loads in flight in the SASS, the plan says "
+                              f"{want}: update lora_kernels/plan/cuda.py")
+        assert peak >= 0.8 * per_iter, f"{arch} {kernel} MT={mt}: only {peak} of {per_iter} loads in flight: loads wait on MMAs"
 
 
 def test_sass_counter_sees_an_interleaved_loop():
@@ -249,7 +258,7 @@ def test_launch_plan_rules():
     from lora_kernels.plan.gpus import GPUS
 
     for gpu in GPUS.values():
-        rows = plan.plan_rows(gpu, ranks=(8, 16, 64), ms=(1, 16, 64))
+        rows = plan.plan_rows(gpu, ranks=(8, 16, 64), ms=(1, 16, 32, 64))
         rows += plan.plan_rows(gpu, ranks=(16,), ms=(16, 64), distinct=True)
         print(f"\n{gpu.name} (predictions)\n" + plan.format_rows(rows))
         for r in rows:
@@ -258,11 +267,18 @@ def test_launch_plan_rules():
             assert r["bytes_ratio"] <= 1.03, f"{where}: moves {r['bytes_ratio']}x the minimum bytes"
             # Every grid fills the SMs (N = 1024: K split across blocks).
             assert r["blocks_per_sm_grid"] >= 1, f"{where}: the grid leaves SMs idle"
-            # Decode up to 16 tokens: W in flight covers the bandwidth-latency product, so the kernel is
-            # predicted at the base GEMM's time; what misses (M = 64) is listed in the README.
+            # Decode up to 16 tokens: W in flight covers the bandwidth-latency product and L2 serves the x
+            # re-reads, so the kernel is predicted within ~5% of the base GEMM (r = 64: A and B add bytes).
             if r["M"] <= 16 and r["T"] == 1:
                 assert r["in_flight_kib_per_sm"] >= r["needed_kib_per_sm"], f"{where}: too few loads in flight"
-                assert r["predicted_vs_base"] <= 1.05, f"{where}: predicted {r['predicted_vs_base']}x the base GEMM"
+                assert r["predicted_vs_base"] <= 1.06, f"{where}: predicted {r['predicted_vs_base']}x the base GEMM"
+            # 17..64 tokens on the wide kernel: x staged once per 64 columns keeps L2 traffic under what L2
+            # serves in W's HBM time (the 16-column kernel pulled (1 + M/16)·|W|: 1.4-1.6x predicted); what
+            # is left is the K parts' join. N = 1024 stays on skinny_kernel and misses (README).
+            if r["kernels"] == "shrink+wide" and r["T"] == 1:
+                assert r["in_flight_kib_per_sm"] >= r["needed_kib_per_sm"], f"{where}: too few loads in flight"
+                assert r["l2_bytes_per_w"] <= 2.5, f"{where}: L2 traffic {r['l2_bytes_per_w']}x W"
+                assert r["predicted_vs_base"] <= 1.08, f"{where}: predicted {r['predicted_vs_base']}x the base GEMM"
 
 
 def test_kernel_files_include_only_cuda_headers():

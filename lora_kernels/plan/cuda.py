@@ -30,20 +30,24 @@ from .gpus import GPU
 from .triton import L2_BW_RATIO, SM_BW
 
 THREADS = 256               # per block, both kernels
-COLS = {1: 16, 2: 16, 4: 64, 8: 64}  # output columns per fused block by MT (skinny / wide kernel)
+WIDE_COLS = 64              # output columns per wide_kernel block (skinny_kernel: COLS)
+COLS = 16
 WIDE_CHUNK = 128            # k per x chunk staged by wide_kernel (kWideChunk): its K-part unit
-# Registers/thread and static shared memory (bytes) of the fused bf16/fp16 kernel per MT (tokens per
+# Registers/thread and static shared memory (bytes) of the fused bf16/fp16 kernels per MT (tokens per
 # block = 8·MT), as ptxas reports for sm_90a (nvcc 13.0, -O3); tests/test_cuda_ext.py checks them
 # against the compile, so they cannot drift from the code.
-REGS = {1: 128, 2: 122, 4: 104, 8: 126}
-SMEM = {1: 4752, 2: 9488, 4: 21008, 8: 42000}
+REGS = {1: 128, 2: 122, 4: 108, 8: 186}
+SMEM = {1: 4752, 2: 9488, 4: 18960, 8: 37904}
+WIDE_REGS = {4: 104, 8: 126}
+WIDE_SMEM = {4: 21008, 8: 42000}
 # 16-byte loads in flight per thread in the main K loop, per MT, **read from the SASS** of the sm_90a
 # build: the most loads issued and not yet read by any instruction, over two passes of the loop body
 # (the software pipeline carries a stage across the back edge). tests/test_cuda_ext.py re-counts them
-# in the compiled kernel and fails when they differ. skinny_kernel (MT 1, 2): of the 2 + MT loads of
-# a k step, 2 are W's (rows g and g+8), the MT of x hit L2. wide_kernel (MT 4, 8): all are W's (x goes
-# global -> shared by cp.async, not through registers).
-LOADS_IN_FLIGHT = {1: 12, 2: 16, 4: 4, 8: 4}
+# in the compiled kernel and fails when they differ. skinny_kernel: of the 2 + MT loads of a k step,
+# 2 are W's (rows g and g+8), the MT of x hit L2. wide_kernel: all are W's (x goes global -> shared by
+# cp.async, not through registers).
+LOADS_IN_FLIGHT = {1: 12, 2: 16, 4: 10, 8: 18}
+WIDE_LOADS_IN_FLIGHT = {4: 4, 8: 4}
 HBM_LATENCY_S = 700e-9      # loaded HBM latency (H100/H200 class), a model constant
 FUSED_MAX_ROWS = 64         # bindings.cpp kFusedMaxRows
 
@@ -52,22 +56,23 @@ def tile_tokens(m: int) -> int:
     return 8 if m <= 8 else 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def is_wide(m: int) -> bool:
-    """wide_kernel runs the fused forward (csrc/lora_linear.cu launch_fused)."""
-    return tile_tokens(m) > 16
+def is_wide(m: int, n: int, sms: int) -> bool:
+    """wide_kernel runs the fused forward (csrc/lora_linear.cu fused_wide): 32/64-token tiles whose
+    64-column grid needs at most 4 K parts to fill the SMs (below that, skinny_kernel's smaller join wins)."""
+    if tile_tokens(m) <= 16:
+        return False
+    blocks = math.ceil(n / WIDE_COLS) * math.ceil(m / tile_tokens(m))
+    return 2 * sms // blocks <= 4
 
 
 def fused_parts(m: int, n: int, k: int, sms: int) -> int:
     """K parts of the fused kernel (csrc/lora_linear.cu fused_parts, tensor-core path): a grid smaller
     than the SM count splits K across blocks, in parts of whole pipeline stages (skinny: ~2 blocks per
     SM, rounded up) or whole x chunks (wide: at most 2 blocks per SM)."""
-    mt = tile_tokens(m) // 8
-    blocks = math.ceil(n / COLS[mt]) * math.ceil(m / tile_tokens(m))
-    unit = WIDE_CHUNK if is_wide(m) else 4 * 8 * 32
-    if is_wide(m):
-        want = 2 * sms // blocks
-    else:
-        want = 1 if blocks >= sms else math.ceil(2 * sms / blocks)
+    wide = is_wide(m, n, sms)
+    blocks = math.ceil(n / (WIDE_COLS if wide else COLS)) * math.ceil(m / tile_tokens(m))
+    unit = WIDE_CHUNK if wide else 4 * 8 * 32
+    want = 2 * sms // blocks if wide else 1 if blocks >= sms else math.ceil(2 * sms / blocks)
     want = min(want, k // unit)
     if want < 2:
         return 1
@@ -75,10 +80,11 @@ def fused_parts(m: int, n: int, k: int, sms: int) -> int:
     return math.ceil(k / per_part)
 
 
-def blocks_per_sm(gpu: GPU, mt: int) -> int:
+def blocks_per_sm(gpu: GPU, mt: int, wide: bool = False) -> int:
     """Resident 256-thread blocks per SM, by registers, shared memory and threads."""
-    by_regs = gpu.regs_per_sm // (REGS[mt] * THREADS)
-    by_smem = gpu.smem_per_sm // SMEM[mt]
+    regs, smem = (WIDE_REGS[mt], WIDE_SMEM[mt]) if wide else (REGS[mt], SMEM[mt])
+    by_regs = gpu.regs_per_sm // (regs * THREADS)
+    by_smem = gpu.smem_per_sm // smem
     by_threads = gpu.max_threads_per_sm // THREADS
     return max(1, min(by_regs, by_smem, by_threads, gpu.max_blocks_per_sm))
 
@@ -88,10 +94,11 @@ def plan_row(gpu: GPU, k: int, n: int, r: int, m: int, tasks: int = 1, elem: int
     fused = m <= FUSED_MAX_ROWS
     tm = tile_tokens(m) if fused else 64
     mt = tm // 8
-    cols = COLS[mt]
+    wide = is_wide(m, n, gpu.sms) if fused else True  # prefill's expand-only: a large grid
+    cols = WIDE_COLS if wide else COLS
     kparts = fused_parts(m, n, k, gpu.sms) if fused else 1
     grid = math.ceil(n / cols) * math.ceil(m / tm) * kparts
-    resident = blocks_per_sm(gpu, mt)
+    resident = blocks_per_sm(gpu, mt, wide)
     per_sm = grid / gpu.sms
     active = min(per_sm, resident)  # blocks streaming W at once per SM (first wave)
     t = max(1, min(tasks, m))
@@ -107,7 +114,7 @@ def plan_row(gpu: GPU, k: int, n: int, r: int, m: int, tasks: int = 1, elem: int
     part_l2_bytes = 2 * kparts * m * n * 4 if kparts > 1 else 0
     moved = minimum + h_bytes + (0 if fused else 2 * m * n * elem)
     bw = gpu.bw * gpu.bw_eff
-    w_loads = LOADS_IN_FLIGHT[mt] * (1 if cols > 16 else 2 / (2 + mt))  # W's 16-byte loads in flight per thread
+    w_loads = WIDE_LOADS_IN_FLIGHT[mt] if wide else LOADS_IN_FLIGHT[mt] * 2 / (2 + mt)  # W's loads in flight / thread
     in_flight = active * THREADS * w_loads * 16  # bytes of W in flight per SM
     bw_latency = min(bw, gpu.sms * in_flight / HBM_LATENCY_S)
     # L2 -> SM: W once, x once per column block, the partials, and every column block's h (fp32).
@@ -123,7 +130,7 @@ def plan_row(gpu: GPU, k: int, n: int, r: int, m: int, tasks: int = 1, elem: int
     predicted = max(moved / bw_latency, t_l2, compute) + t_join + gpu.launch_s  # PDL overlaps the shrink
     return {
         "gpu": gpu.name, "K": k, "N": n, "r": r, "M": m, "T": t,
-        "kernels": ("shrink+" + ("wide" if cols > 16 else "skinny")) if fused else "cuBLAS+shrink+expand",
+        "kernels": ("shrink+" + ("wide" if wide else "skinny")) if fused else "cuBLAS+shrink+expand",
         "launches": launches, "cols": cols,
         "kparts": kparts, "part_l2_bytes": part_l2_bytes,
         "grid": grid, "blocks_per_sm_resident": resident, "blocks_per_sm_grid": round(per_sm, 2),

@@ -52,6 +52,7 @@ def build(so: Path, csrc: Path = ROOT / "csrc", sanitize: bool = False) -> ctype
     lib.emu_forward.restype = ctypes.c_int
     lib.emu_fault.restype = ctypes.c_char_p
     lib.emu_set_cp_async_eager.argtypes = [ctypes.c_int]
+    lib.emu_fused_choice.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.emu_forward.argtypes = [i32, p, p, p, p, p, p, i64, i64, i64, i64, i64, p, p, p, i64, i32, p, f32, i32, i32,
                                 i32, i32]

@@ -21,6 +21,15 @@ void add_range(const void* p, int64_t count, size_t elem, const char* name) {
 // cp.async schedule of the next calls: 0 deferred (lands at the wait), 1 eager (lands at issue); see emu.h.
 extern "C" void emu_set_cp_async_eager(int eager) { emu::g_cp_eager = eager != 0; }
 
+// The launcher's choices for a bf16 decode shape on the tensor-core path: kparts * 10 + wide
+// (tests compare them with lora_kernels.plan.cuda, which models the same choices).
+extern "C" int emu_fused_choice(int64_t M, int64_t N, int64_t K, int num_sms) {
+  int kparts = 1;
+  int64_t k_per_part = K;
+  fused_parts(M, N, K, true, num_sms, &kparts, &k_per_part);
+  return kparts * 10 + (fused_wide(M, N, true, num_sms) ? 1 : 0);
+}
+
 // The first bad load of the last call ("" when none).
 extern "C" const char* emu_fault() { return emu::g_fault; }
 
