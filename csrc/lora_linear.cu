@@ -14,9 +14,12 @@
 //     consumer (no atomics, no memset, deterministic). Mixed batches: each token tile holds rows of
 //     one task (rows sorted by task, from Routing), so a tile reads only its own A_t: the BGMV
 //     shrink for one token per task, the SGMV shrink for longer segments.
-//  2. fused_kernel: one block owns 16 output columns and a tile of 8..64 tokens; its 8 warps split
-//     K (interleaved 32-element steps, so at any moment the block reads 8 x 64 B contiguous of
-//     every W row it owns) and a shared-memory reduction joins them. Computing h per output block
+//  2. The fused forward, skinny_kernel (up to 16 tokens; N = 1024 up to 64): one block owns 16 output
+//     columns and a tile of 8..64 tokens; its 8 warps split K (interleaved 32-element steps, so at
+//     any moment the block reads 8 x 64 B contiguous of every W row it owns) and a shared-memory
+//     reduction joins them; or wide_kernel (17..64 tokens, see there): 64 columns per block with x
+//     staged once per block in shared memory, since re-reading x per 16 columns would pull
+//     (1 + M/16)·|W| through L2. Computing h per output block
 //     instead would re-read A once per block (256 blocks x 0.5 MiB = 128 MiB of L2 traffic for
 //     4096 columns at r=64), far more than one small extra launch (~2-3 us of host time, but
 //     back to back on the GPU, and both ops capture in a CUDA graph). The epilogue adds the bias
@@ -642,8 +645,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks(MMA, MT)) skinny_kernel(c
 // parts' partials, which fused_parts keeps small. The 8 warps are 4 column warps x 2 K halves: warps
 // w and w + 4 take alternate 32-wide k steps of the same columns and are joined through shared
 // memory after the loop (fixed order). W streams as in skinny_kernel, straight from global memory
-// into MMA fragments with 16-byte loads: the S steps x 2 rows of the next chunk are issued before the
-// current chunk's MMAs, so a thread keeps 2S loads of W in flight (8 at MT = 4, 4 at MT = 8).
+// into MMA fragments with 16-byte loads: the S = 2 steps x 2 rows of the next chunk are issued before
+// the current chunk's MMAs, so a thread keeps 4 loads of W in flight (31 KiB per SM at 2 blocks per
+// SM, against ~22 KiB that an H200's bandwidth-latency product needs).
 constexpr int kWideCols = 64;
 constexpr int kWideColWarps = kWideCols / kCols;  // 4
 // k per staged x chunk: two buffers of TM x (chunk + kXPad) elements stay under the 48 KiB of static
