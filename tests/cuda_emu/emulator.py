@@ -52,9 +52,31 @@ def build(so: Path, csrc: Path = ROOT / "csrc", sanitize: bool = False) -> ctype
     lib.emu_forward.restype = ctypes.c_int
     lib.emu_fault.restype = ctypes.c_char_p
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.emu_forward.argtypes = [i32, p, p, p, p, p, p, i64, i64, i64, i64, i64, p, p, p, i64, i32, p, f32, i32, i32,
-                                i32, i32]
+    lib.emu_forward.argtypes = [i32, p, p, i64, p, p, p, p, i64, i64, i64, i64, i64, p, p, p, i64, i32, p, f32, i32,
+                                i32, i32, i32]
+    lib.emu_load_sizes.restype = ctypes.c_uint
+    lib.emu_load_sizes.argtypes = [ctypes.c_char_p]
+    lib.emu_mma_count.restype = i64
+    lib.emu_mma_count.argtypes = [i32]
+    lib.emu_fused_max_rows.restype = i64
+    lib.emu_fused_max_rows.argtypes = [i32, p, i64, p, i64, i64, i32]
     return lib
+
+
+def load_sizes(lib, name: str) -> set[int]:
+    """Byte widths of the global loads the last ``run`` made in buffer ``name`` ("x", "weight", "lora_a", ...)."""
+    mask = lib.emu_load_sizes(name.encode())
+    return {1 << b for b in range(32) if mask >> b & 1}
+
+
+def mma_counts(lib) -> tuple[int, int]:
+    """Warp-level MMAs of the last ``run``'s (shrink, fused) launches: > 0 iff it ran on tensor cores."""
+    return lib.emu_mma_count(0), lib.emu_mma_count(1)
+
+
+def fused_max_rows(lib, x, w, allow_mma=True) -> int:
+    """The host's rule (csrc/lora_linear.cu fused_max_rows): rows up to which the forward runs fused."""
+    return lib.emu_fused_max_rows(CODES[x.dtype], _ptr(x), x.shape[1], _ptr(w), w.stride(0), x.shape[1], int(allow_mma))
 
 
 def _ptr(t):
@@ -65,9 +87,13 @@ def run(lib, x, w, bias, a, b, *, scale=1.0, scales=None, routing=None, allow_mm
         num_sms=132, binary_version=90):
     """One forward through the emulated kernels; returns (y, info code from the harness).
 
+    ``x`` must be contiguous (as bindings.cpp makes it; it may start at any element), ``w`` may have a
+    row stride above K (a column slice). ``accumulate``: False = fused, True = ``y`` holds x·Wᵀ + b,
+    "auto" = as bindings.cpp (fused up to fused_max_rows, else the harness computes the base).
     Fails (AssertionError) when a launcher failed or a load was out of bounds or misaligned.
     """
     m, k = x.shape
+    assert x.is_contiguous() and w.stride(1) == 1 and all(t is None or t.is_contiguous() for t in (bias, a, b))
     n = w.shape[0]
     r = a.shape[-2]
     t = a.shape[0] if a.dim() == 3 else 1
@@ -78,9 +104,10 @@ def run(lib, x, w, bias, a, b, *, scale=1.0, scales=None, routing=None, allow_mm
     if routing is not None:
         tiles, tt = cuda.tiles_of(routing, "cpu")
         order, ids, num_tiles = routing.order, routing.task_ids, tiles.shape[0]
-    info = lib.emu_forward(CODES[x.dtype], _ptr(x), _ptr(w), _ptr(bias), _ptr(a), _ptr(b), _ptr(y), m, n, k, r, t,
-                           _ptr(ids), _ptr(order), _ptr(tiles), num_tiles, tt, _ptr(scales), float(scale),
-                           int(allow_mma), int(accumulate), num_sms, binary_version)
+    acc = -1 if accumulate == "auto" else int(accumulate)
+    info = lib.emu_forward(CODES[x.dtype], _ptr(x), _ptr(w), w.stride(0), _ptr(bias), _ptr(a), _ptr(b), _ptr(y), m, n,
+                           k, r, t, _ptr(ids), _ptr(order), _ptr(tiles), num_tiles, tt, _ptr(scales), float(scale),
+                           int(allow_mma), acc, num_sms, binary_version)
     assert info != -2, f"the kernels made a bad global load: {lib.emu_fault().decode()}"
     assert info >= 0, f"a launcher failed (harness code {info})"
     return y, info
