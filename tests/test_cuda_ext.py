@@ -112,12 +112,14 @@ def test_half_kernels_use_tensor_cores(compiled, arch):
 
 
 def _ptxas_resources(log: str, arch: str) -> dict:
-    """{(dtype, MT, mma, shrink): (registers, static smem bytes)} of skinny_kernel from ``-Xptxas -v``."""
+    """{(dtype, MT, mma, shrink, V): (registers, static smem bytes)} of skinny_kernel from ``-Xptxas -v``
+    (V: elements per load, 8 = 16-byte loads, 2 and 1 = the vector path)."""
     out, cur = {}, None
     for line in log.splitlines():
-        m = re.search(r"skinny_kernelI(\w+?)Li(\d)ELb(\d)ELb(\d)EE.*for '(\w+)'", line)
+        m = re.search(r"skinny_kernelI(\w+?)Li(\d)ELb(\d)ELb(\d)ELi(\d)EE.*for '(\w+)'", line)
         if "Compiling entry" in line:
-            cur = (m.group(1), int(m.group(2)), m.group(3) == "1", m.group(4) == "1") if m and m.group(5) == arch else None
+            cur = ((m.group(1), int(m.group(2)), m.group(3) == "1", m.group(4) == "1", int(m.group(5)))
+                   if m and m.group(6) == arch else None)
         used = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
         if used and cur is not None:
             out[cur] = (int(used.group(1)), int(used.group(2)))
@@ -133,7 +135,7 @@ def test_launch_plan_resources_match_the_compile(compiled):
     assert rc == 0
     res = _ptxas_resources(log, "sm_90a")
     for mt in (1, 2, 4, 8):
-        regs, smem = res[("13__nv_bfloat16", mt, True, False)]
+        regs, smem = res[("13__nv_bfloat16", mt, True, False, 8)]
         assert smem == plan.SMEM[mt], f"MT={mt}: ptxas says {smem} B of shared memory, the plan {plan.SMEM[mt]}"
         assert regs == plan.REGS[mt], f"MT={mt}: ptxas says {regs} registers, the plan {plan.REGS[mt]}"
 
@@ -176,22 +178,25 @@ def _main_loop(body):
     return loop
 
 
-def sass_loads_in_flight(loop) -> tuple[int, int]:
-    """(16-byte global loads per iteration, most of them in flight at once) in a loop's SASS.
+def sass_loads_in_flight(loop, width: int = 16) -> tuple[int, int]:
+    """(``width``-byte global loads per iteration, most of them in flight at once) in a loop's SASS.
 
-    A load is in flight from its LDG.E.128 until the first instruction that reads one of its four
-    destination registers. Two passes over the body: a software pipeline's loads are read in the
-    next iteration, so the second pass sees what the back edge carries. (cp.async's LDGSTS would be
-    counted as issued; the kernels do not use it.)
+    A load is in flight from its LDG (LDG.E.128 for 16 bytes, LDG.E for 4, LDG.E.U16 for 2) until the
+    first instruction that reads one of its destination registers. Two passes over the body: a
+    software pipeline's loads are read in the next iteration, so the second pass sees what the back
+    edge carries. (cp.async's LDGSTS would be counted as issued; the kernels do not use it.)
     """
+    suffix = {16: ".128", 8: ".64", 4: "", 2: ".U16"}[width]
+    nregs = max(1, width // 4)
     pending: list[int] = []
     per_iter = peak = 0
     for second in (False, True):
         for _, opc, ops in loop:
             srcs = [o for o in ops if "[" in o] if opc.startswith(("LDG", "STG", "LDS", "STS")) else ops[1:]
             used = {r for o in srcs for r in _regs(o)}
-            pending = [p for p in pending if not used & set(range(p, p + 4))]
-            if opc.startswith("LDG") and ".128" in opc:
+            pending = [p for p in pending if not used & set(range(p, p + nregs))]
+            size = re.match(r"LDG\.E((?:\.(?:128|64|U16|S16|U8|S8))?)", opc)
+            if size and size.group(1) == suffix:
                 pending.append(_regs(ops[0])[0])
                 per_iter += not second
             if second:
@@ -209,7 +214,7 @@ def test_launch_plan_loads_in_flight_match_the_sass(compiled, arch):
     sass = _sass(compiled, arch)
     found = {}
     for name, body in _sass_functions(sass).items():
-        m = re.search(r"skinny_kernelI13__nv_bfloat16Li(\d)ELb1ELb0E", name)
+        m = re.search(r"skinny_kernelI13__nv_bfloat16Li(\d)ELb1ELb0ELi8EE", name)
         if m:
             found[int(m.group(1))] = sass_loads_in_flight(_main_loop(body))
     assert sorted(found) == [1, 2, 4, 8], f"fused bf16 kernels not found in the {arch} SASS: {sorted(found)}"
@@ -218,6 +223,32 @@ def test_launch_plan_loads_in_flight_match_the_sass(compiled, arch):
         assert peak == plan.LOADS_IN_FLIGHT[mt], (f"{arch} MT={mt}: {peak} 16-byte loads in flight in the SASS, "
                                                  f"the plan says {plan.LOADS_IN_FLIGHT[mt]}: update lora_kernels/plan/cuda.py")
         assert peak >= 0.8 * per_iter, f"{arch} MT={mt}: only {peak} of {per_iter} loads in flight: loads wait on MMAs"
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_vector_path_loads_in_the_sass(compiled, arch):
+    """The vector path (rows not 16-byte aligned) really loads 4 or 2 bytes at a time, none wider, and
+    keeps as many loads in flight as the plan says (VECTOR_LOADS_IN_FLIGHT), for the fused and the
+    shrink kernels of both 2-byte dtypes."""
+    from lora_kernels.plan import cuda as plan
+
+    sass = _sass(compiled, arch)
+    seen = set()
+    for name, body in _sass_functions(sass).items():
+        m = re.search(r"skinny_kernelI(13__nv_bfloat16|6__half)Li1ELb1ELb([01])ELi([12])EE", name)
+        if not m:
+            continue
+        v = int(m.group(3))
+        seen.add((m.group(1), m.group(2), v))
+        loop = _main_loop(body)
+        widths = {re.match(r"LDG\.E((?:\.(?:128|64|U16|S16|U8|S8))?)", o).group(1) for _, o, _ in loop
+                  if o.startswith("LDG")}
+        assert widths == {"" if v == 2 else ".U16"}, f"{name}: loads {widths} in the K loop, expected {2 * v}-byte only"
+        per_iter, peak = sass_loads_in_flight(loop, width=2 * v)
+        print(f"{arch} {m.group(1)} shrink={m.group(2)} V={v}: {per_iter} loads per iteration, {peak} in flight")
+        assert peak == plan.VECTOR_LOADS_IN_FLIGHT[v], (f"{name}: {peak} loads in flight in the SASS, the plan says "
+                                                        f"{plan.VECTOR_LOADS_IN_FLIGHT[v]}")
+    assert len(seen) == 8, f"vector-path kernels missing from the {arch} SASS: {sorted(seen)}"
 
 
 def test_sass_counter_sees_an_interleaved_loop():
