@@ -79,16 +79,6 @@ def test_fused_k_split_across_blocks(emu, m, k, n, num_sms, dtype):
     assert_close(y, ref, dtype)
 
 
-def _placed(t, offset=0, row_pad=0):
-    """A copy of 2-D ``t`` that starts ``offset`` elements into a fresh (64-byte aligned) buffer, rows
-    ``row_pad`` elements apart beyond K. The pad and the lead are NaN: a kernel that reads them shows."""
-    m, k = t.shape
-    buf = torch.full((offset + m * (k + row_pad),), float("nan"), dtype=t.dtype)
-    view = buf[offset:].view(m, k + row_pad)[:, :k]
-    view.copy_(t)
-    return view
-
-
 def _width(k, *operands):
     """The load width (elements) the host must pick: the widest of 8, 2, 1 that K, every row stride
     and every base address allow (independent of csrc/'s mma_load_width, which it checks)."""
@@ -113,7 +103,7 @@ def test_vector_path(emu, m, k, n, r, x_off, w_pad, dtype):
     widest the rows allow; the emulator faults a load wider than its address's alignment), the K tail
     guarded per element, against float64 with a poisoned output and NaN around every row."""
     x0, w0, bias, a, b = _inputs(m, k, n, r, dtype, seed=k + x_off)
-    x, w = _placed(x0, x_off), _placed(w0, 0, w_pad)
+    x, w = emulator.placed(x0, x_off), emulator.placed(w0, 0, w_pad)
     y, info = run(emu, x, w, bias, a, b, scale=0.75)
     v_fused, v_shrink = _width(k, x, w), _width(k, x, a)
     assert (v_fused, v_shrink) != (8, 8), "the case must not be 16-byte aligned"
@@ -140,8 +130,8 @@ def test_fused_rows_rule(emu):
     x, w, *_ = _inputs(4, 64, 16, 1, torch.bfloat16)
     assert emulator.fused_max_rows(emu, x, w) == 64
     assert emulator.fused_max_rows(emu, x, w, allow_mma=False) == 8
-    assert emulator.fused_max_rows(emu, _placed(x, 1), w) == 8
-    assert emulator.fused_max_rows(emu, x, _placed(w, 0, 2)) == 8
+    assert emulator.fused_max_rows(emu, emulator.placed(x, 1), w) == 8
+    assert emulator.fused_max_rows(emu, x, emulator.placed(w, 0, 2)) == 8
     x, w, *_ = _inputs(4, 66, 16, 1, torch.float16)
     assert emulator.fused_max_rows(emu, x, w) == 8
     x, w, *_ = _inputs(4, 64, 16, 1, torch.float32)
@@ -156,7 +146,7 @@ def test_8_token_paths_above_8_rows_run_the_lora_term_only(emu, m, k, x_off, dty
     cuBLAS), the kernels add the LoRA term only (W is not re-read once per 8 rows); up to 8 rows fused."""
     n, r = 24, 5
     x0, w, bias, a, b = _inputs(m, k, n, r, dtype, seed=m)
-    x = _placed(x0, x_off)
+    x = emulator.placed(x0, x_off)
     y, info = run(emu, x, w, bias, a, b, scale=1.5, accumulate="auto")
     assert info % 10 == (1 if m > 8 else 0), f"M={m}: expected {'the LoRA term only' if m > 8 else 'fused'}, got {info}"
     ref = reference.lora_linear(x0.double(), w.double(), bias.double(), a.double(), b.double(), 1.5)
@@ -208,7 +198,7 @@ def test_mixed_tasks_vector_path(emu, m, k, n, r, t, x_off, dtype):
     """Mixed tasks (with -1 rows) on rows that are not 16-byte aligned, as the host runs them: fused up
     to 8 rows, the LoRA term on the base GEMM's output above; -1 rows are exactly the base."""
     x0, w, bias, a, b = _inputs(m, k, n, r, dtype, t=t, seed=k)
-    x = _placed(x0, x_off)
+    x = emulator.placed(x0, x_off)
     scales = torch.rand(t, generator=torch.Generator().manual_seed(1)) + 0.5
     ids = _ids("random", m, t, seed=m)
     ids[0] = -1

@@ -123,3 +123,13 @@ def inputs(m, k, n, r, dtype, t=None, seed=0):
     a = (torch.randn(*lead, r, k, generator=g) / k ** 0.5).to(dtype)
     b = torch.randn(*lead, n, r, generator=g).to(dtype)
     return x, w, bias, a, b
+
+
+def placed(t, offset=0, row_pad=0):
+    """A copy of 2-D ``t`` that starts ``offset`` elements into a fresh (64-byte aligned) buffer, rows
+    ``row_pad`` elements apart beyond K. The pad and the lead are NaN: a kernel that reads them shows."""
+    m, k = t.shape
+    buf = torch.full((offset + m * (k + row_pad),), float("nan"), dtype=t.dtype)
+    view = buf[offset:].view(m, k + row_pad)[:, :k]
+    view.copy_(t)
+    return view
