@@ -556,6 +556,70 @@ def test_single_misaligned_and_strided(ext, dtype):
     assert_close(y3, _ref_single(x, w, None, a, b, 2.0).view(1, m, n), dtype)
 
 
+ODD_K_CASES = [  # (M, K, N, r): K % 8 != 0. M <= 8: the vector path; M > 8: cuBLAS base + LoRA-term kernels
+    (1, 17, 129, 1), (5, 2049, 1000, 16), (8, 1001, 4096, 64), (3, 4100, 520, 8), (8, 4098, 256, 1),
+    (9, 1001, 264, 8), (33, 4098, 520, 16), (64, 17, 136, 4),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,k,n,r", ODD_K_CASES)
+def test_single_odd_k_vs_reference(ext, m, k, n, r, dtype):
+    x, w, bb, a, b = _single_inputs(m, k, n, r, dtype, seed=k)
+    _poison_pool(m * n, 64 * r * m, dtype=dtype)
+    with torch.no_grad():
+        y = ext.lora_linear(x, w, bb, a, b, 0.75)
+    assert_close(y, _ref_single(x, w, bb, a, b, 0.75), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("x_off,w_pad", [(1, 0), (2, 0), (4, 0), (0, 1), (0, 2), (3, 3)])
+@pytest.mark.parametrize("m", [1, 8, 9, 40])
+def test_misaligned_rows_vs_reference(ext, m, x_off, w_pad, dtype):
+    """x starting 2, 4 or 8 bytes past a 16-byte boundary, W a column slice with an odd or even row
+    stride: 2- or 4-byte loads on tensor cores (M <= 8), cuBLAS + LoRA-term kernels above."""
+    k, n, r = 1032, 264, 8
+    x, w, bb, a, b = _single_inputs(m, k, n, r, dtype, seed=m + x_off)
+    xs = torch.full((m * k + x_off,), float("nan"), device="cuda", dtype=dtype)[x_off:].view(m, k)
+    xs.copy_(x)
+    wide = torch.full((n, k + w_pad), float("nan"), device="cuda", dtype=dtype)
+    ws = wide[:, :k]
+    ws.copy_(w)
+    with torch.no_grad():
+        y = ext.lora_linear(xs, ws, bb, a, b, 1.5)
+    assert_close(y, _ref_single(x, w, bb, a, b, 1.5), dtype)
+    ids = _ids("random", m, 3, seed=m).cuda()
+    a3, b3 = a.expand(3, r, k).contiguous(), b.expand(3, n, r).contiguous()
+    scales = torch.tensor([0.5, 1.0, 2.0], device="cuda")
+    with torch.no_grad():
+        ym = ext.lora_linear_mixed(xs, ws, bb, a3, b3, scales, ids)
+    ref = reference.lora_linear_mixed(x.double(), w.double(), bb.double(), a3.double(), b3.double(), scales.double(), ids)
+    assert_close(ym, ref, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [8, 9, 16, 64, 65])
+def test_fp32_above_8_rows_vs_reference(ext, m):
+    """fp32 above 8 rows: cuBLAS for x·Wᵀ + b, the kernels for the LoRA term only (the scalar fused
+    kernel would read W once per 8 rows)."""
+    dtype = torch.float32
+    x, w, bb, a, b = _single_inputs(m, 2049, 1000, 16, dtype, seed=m)
+    _poison_pool(m * 1000, dtype=dtype)
+    with torch.no_grad():
+        y = ext.lora_linear(x, w, bb, a, b, 0.5)
+    assert_close(y, _ref_single(x, w, bb, a, b, 0.5), dtype)
+    x, w, bb, a, b, scales = _mixed_inputs(m, 520, 264, 8, 4, dtype, seed=m)
+    ids = _ids("random", m, 4, seed=m).cuda()
+    with torch.no_grad():
+        y = ext.lora_linear_mixed(x, w, bb, a, b, scales, ids)
+        base = ext.lora_linear_mixed(x, w, bb, a, b, scales, torch.full_like(ids, -1))
+    ref = reference.lora_linear_mixed(x.double(), w.double(), bb.double(), a.double(), b.double(), scales.double(), ids)
+    assert_close(y, ref, dtype)
+    assert torch.equal(y[ids < 0], base[ids < 0])
+
+
 @pytest.mark.gpu
 def test_weight_slices_are_not_copied(ext):
     """A weight with contiguous rows and a longer row stride (a column slice) is read in place: no
