@@ -38,11 +38,16 @@
 // (g, t) gives physical k = 8t..8t+7 of a 32-wide step to the fragment slots of logical k
 // {2t, 2t+1, 2t+8, 2t+9} of two MMAs; W and x use the same permutation, so no shared memory or
 // ldmatrix is needed. On CUDA cores alone M = 16 would already be compute bound (16·2·N·K flops at
-// ~60 TFLOP/s fp32 ≈ 9 us > 7 us of memory time). fp32 inputs, rows that are not 16-byte aligned
-// (K % 8 != 0, odd offsets) and GPUs before sm_80 take a scalar CUDA-core path: correct, slower.
+// ~60 TFLOP/s fp32 ≈ 9 us > 7 us of memory time). fp16/bf16 rows that are not 16-byte aligned
+// (K % 8 != 0, odd offsets or strides) take the vector path: the same kernel and fragments, each
+// thread's 8-element chunk read with 4- or 2-byte loads (mma_load_width: the widest the rows allow),
+// the K tail guarded per element group, in 8-token blocks (one tile size: nvcc time). fp32 inputs
+// and GPUs before sm_80 take a scalar CUDA-core path (8 tokens per block): correct, slower.
 //
 // Larger M (prefill) is compute bound; there the host code uses cuBLAS for x·Wᵀ + b and these
-// kernels for the shrink and for the expand only (accumulate mode: y += s·h·Bᵀ in place).
+// kernels for the shrink and for the expand only (accumulate mode: y += s·h·Bᵀ in place). The
+// 8-token paths (vector, scalar) would read W once per 8 rows, so they run fused only up to 8 rows
+// and switch to cuBLAS + the LoRA term above (fused_max_rows; the 16-byte path: up to 64 rows).
 #include <cstdint>
 
 #include <cuda_bf16.h>
