@@ -93,6 +93,7 @@ VECTOR = [  # (M, K, N, r, x offset, W row pad): rows that are not 16-byte align
     (3, 4100, 20, 8, 0, 0), (7, 4098, 18, 1, 0, 0),  # K % 8 = 4, 2: 4-byte loads
     (4, 264, 24, 8, 1, 0), (4, 264, 24, 70, 2, 0), (6, 1032, 24, 8, 4, 0),  # x 2-, 4-, 8-byte aligned
     (2, 520, 40, 4, 0, 1), (2, 520, 40, 4, 0, 2),  # W a column slice: odd / even row stride
+    (2, 3, 20, 1, 0, 0), (3, 1001, 24, 2, 3, 5),  # K < 8 (tail only); odd K, x offset and odd W stride together
 ]
 
 

@@ -34,8 +34,6 @@ struct dim3 {
 };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
-struct alignas(8) uint2 { unsigned x, y; };
-inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
 typedef int cudaError_t;
 enum { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 typedef void* cudaStream_t;
