@@ -52,6 +52,8 @@ void shrink_splits(int64_t K, int64_t r, int64_t num_tiles, int tile_tokens, int
 // column blocks x token tiles under ~2 blocks per SM (e.g. N = 1024) takes K parts so that every SM
 // streams W. kparts > 1 needs an fp32 workspace part [kparts, M, N] and int tickets
 // [cdiv(N, 16) * token tiles] that the shrink launched just before zeroes (ShrinkArgs::tickets).
+// Token tiles: tile_tokens_for(M) rows on the 16-byte tensor-core path (use_mma here means
+// can_use_mma: the launcher picks that path exactly then), 8 rows on the vector and scalar paths.
 void fused_parts(int64_t M, int64_t N, int64_t K, bool use_mma, int num_sms, int* kparts, int64_t* k_per_part);
 
 // Fused forward: y[m, n] = x[m]·W[n] + bias[n] + s(t) * sum_j h[m, j] * B[t][n, j],
