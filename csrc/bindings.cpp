@@ -12,9 +12,15 @@
 //
 // Inputs are checked here (device, dtype, shapes) and made contiguous explicitly (a no-op for the
 // usual contiguous activations and parameters); the launchers then get raw pointers and run on
-// the current stream, so the ops capture in CUDA graphs. M <= kFusedMaxRows rows (decode) run the
-// fused kernels; above it (prefill, compute bound) x·Wᵀ + b runs on cuBLAS and the kernels add
-// the LoRA term in place (see csrc/lora_linear.cu).
+// the current stream, so the ops capture in CUDA graphs.
+//
+// Which kernels run (lora_kernels::fused_max_rows): up to 64 rows on the 16-byte tensor-core path
+// (fp16/bf16 on sm_80+, K % 8 == 0 and 16-byte aligned rows), and up to 8 rows on the 8-token paths
+// (fp16/bf16 rows that are not 16-byte aligned: the vector path; fp32 and pre-sm_80: the scalar
+// path), the fused kernels compute the whole output, reading W once. Above that (prefill, and fp32
+// or misaligned inputs with more than 8 rows, where an 8-token kernel would read W once per 8 rows)
+// x·Wᵀ + b runs on cuBLAS and the kernels add the LoRA term in place (accumulate mode: shrink +
+// expand, see csrc/lora_linear.cu).
 #include <cstdlib>
 #include <mutex>
 #include <optional>
@@ -36,8 +42,6 @@
 namespace {
 
 using lora_kernels::DType;
-
-constexpr int64_t kFusedMaxRows = 64;
 
 DType dtype_of(const at::Tensor& x, const char* op) {
   switch (x.scalar_type()) {
@@ -122,7 +126,7 @@ at::Tensor run_shrink(const char* op, DType dt, const Device& dev, const at::Ten
   args.h_part = h.data_ptr<float>();
   args.ksplit = *ksplit;
   args.k_per_split = kps;
-  args.use_mma = dev.mma && lora_kernels::can_use_mma(dt, x2.data_ptr(), K, a.data_ptr(), K, r * K, K);
+  args.use_mma = dev.mma && dt != DType::kFloat32;  // the launcher picks the load width from the rows
   args.tickets = tickets != nullptr ? tickets->data_ptr<int32_t>() : nullptr;
   args.num_tickets = tickets != nullptr ? tickets->numel() : 0;
   check_launch(lora_kernels::launch_shrink(args, stream), op, "shrink");
@@ -142,7 +146,9 @@ FusedParts plan_fused_parts(DType dt, const Device& dev, const at::Tensor& x2, c
   const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
   FusedParts fp;
   fp.k_per_part = K;
-  if (M > kFusedMaxRows || !shrink_runs) return fp;  // prefill (cuBLAS), or no shrink to zero the tickets
+  const int64_t max_rows = lora_kernels::fused_max_rows(dt, dev.mma, x2.data_ptr(), K, w.data_ptr(), w.stride(0), K);
+  if (M > max_rows || !shrink_runs) return fp;  // cuBLAS base, or no shrink to zero the tickets
+  // 16-byte path: tiles of tile_tokens_for(M); the vector and scalar paths: 8-token blocks.
   const bool mma = dev.mma && lora_kernels::can_use_mma(dt, x2.data_ptr(), K, w.data_ptr(), w.stride(0), 0, K);
   lora_kernels::fused_parts(M, N, K, mma, dev.num_sms, &fp.kparts, &fp.k_per_part);
   if (fp.kparts > 1) {
@@ -153,18 +159,19 @@ FusedParts plan_fused_parts(DType dt, const Device& dev, const at::Tensor& x2, c
   return fp;
 }
 
-// y = base + LoRA. Fused (M <= kFusedMaxRows) or cuBLAS base + in-place LoRA (accumulate).
+// y = base + LoRA. Fused (M <= fused_max_rows) or cuBLAS base + in-place LoRA (accumulate).
 at::Tensor run_fused(const char* op, DType dt, const Device& dev, const at::Tensor& x2, const at::Tensor& w,
                      const std::optional<at::Tensor>& bias, const at::Tensor& h, int ksplit, int64_t r,
                      const at::Tensor& b, const int64_t* task_ids, const float* scales, float scale,
                      bool after_shrink, const FusedParts& parts, cudaStream_t stream) {
   const int64_t M = x2.size(0), K = x2.size(1), N = w.size(0);
-  const bool fused = M <= kFusedMaxRows;
+  const bool fused = M <= lora_kernels::fused_max_rows(dt, dev.mma, x2.data_ptr(), K, w.data_ptr(), w.stride(0), K);
   at::Tensor y;
   if (fused) {
     y = at::empty({M, N}, x2.options());
   } else {
-    // Compute-bound regime: cuBLAS is at the flop floor for x·Wᵀ (+ bias in its epilogue).
+    // Compute-bound regime (or an 8-token kernel above 8 rows): cuBLAS is at the flop floor for x·Wᵀ
+    // (+ bias in its epilogue) and reads W about once.
     y = bias.has_value() ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
   }
   lora_kernels::FusedArgs args{};
@@ -178,11 +185,13 @@ at::Tensor run_fused(const char* op, DType dt, const Device& dev, const at::Tens
   args.b = b.data_ptr(); args.b_task_stride = N * r; args.ldb = r;
   args.task_ids = task_ids; args.scales = scales; args.scale = scale;
   args.accumulate = !fused;
-  // Accumulate mode loads no x or W (K = 0): the tensor-core template is used for its 64-token
-  // tiles (B rows read once per 64 rows instead of once per 8).
-  args.use_mma = dev.mma && (fused ? lora_kernels::can_use_mma(dt, x2.data_ptr(), K, w.data_ptr(), w.stride(0), 0, K)
-                                   : dt != DType::kFloat32);
-  args.wide = lora_kernels::fused_wide(M, N, args.use_mma, dev.num_sms);
+  // The launcher picks the load width (16-byte, or the vector path's 4/2-byte loads) from the rows;
+  // accumulate mode loads no x or W (K = 0) and takes the 64-token tiles (B rows read once per 64 rows).
+  args.use_mma = dev.mma && dt != DType::kFloat32;
+  // wide_kernel: only on the 16-byte path (its tiles), as fused_parts' choice above.
+  const bool mma16 = args.use_mma && (!fused || lora_kernels::can_use_mma(dt, x2.data_ptr(), K, w.data_ptr(),
+                                                                          w.stride(0), 0, K));
+  args.wide = lora_kernels::fused_wide(M, N, mma16, dev.num_sms);
   // PDL only right behind a shrink launch: the fused kernel reads x before its griddepcontrol.wait,
   // so its programmatic predecessor must be a kernel that itself started after x was written.
   args.pdl = dev.pdl && after_shrink && fused;  // accumulate mode: cuBLAS runs in between

@@ -39,7 +39,7 @@ struct ShrinkArgs {
   float* h_part;          // [ksplit, M, r]
   int ksplit;             // from shrink_splits()
   int64_t k_per_split;    // from shrink_splits()
-  bool use_mma;           // fp16/bf16 on sm_80+ with aligned rows (see can_use_mma)
+  bool use_mma;           // tensor cores: fp16/bf16 on sm_80+ (the load width is mma_load_width's)
   int* tickets;           // the fused launch's K-part tickets, zeroed here (null when it has no parts)
   int64_t num_tickets;
 };
@@ -52,7 +52,8 @@ void shrink_splits(int64_t K, int64_t r, int64_t num_tiles, int tile_tokens, int
 // column blocks x token tiles under ~2 blocks per SM (e.g. N = 1024) takes K parts so that every SM
 // streams W (for the kernel fused_wide() picks). kparts > 1 needs an fp32 workspace part [kparts, M, N]
 // and int tickets [cdiv(N, 16) * token tiles] that the shrink launched just before zeroes
-// (ShrinkArgs::tickets).
+// (ShrinkArgs::tickets). Token tiles: tile_tokens_for(M) rows on the 16-byte tensor-core path (use_mma
+// here means can_use_mma: the launcher picks that path exactly then), 8 rows on the vector and scalar paths.
 void fused_parts(int64_t M, int64_t N, int64_t K, bool use_mma, int num_sms, int* kparts, int64_t* k_per_part);
 
 // Whether the fused forward runs as wide_kernel (64 columns per block, x staged in shared memory:
@@ -90,8 +91,20 @@ struct FusedArgs {
   int* tickets;  // [cdiv(N, 16) * token tiles], zeroed by the preceding shrink launch
 };
 
-// True when the mma.sync path may run: 2-byte dtype, K % 8 == 0, every row start 16-byte aligned.
+// Elements per global load of x and W (A) on the tensor-core path: the widest V in {8, 2, 1}
+// (16-, 4-, 2-byte loads) with K, both row strides and the task stride multiples of V and both
+// base pointers 2V-byte aligned; 0 for fp32 (no tensor-core path). The launchers pick it from the
+// pointers they are given when use_mma is set; every fp16/bf16 input has a width (1 at worst).
+int mma_load_width(DType dtype, const void* p0, int64_t ld0, const void* p1, int64_t ld1, int64_t task_stride,
+                   int64_t K);
+// True when the 16-byte loads may run: mma_load_width(...) == 8.
 bool can_use_mma(DType dtype, const void* p0, int64_t ld0, const void* p1, int64_t ld1, int64_t task_stride, int64_t K);
+
+// Rows up to which the forward runs fused (x·Wᵀ in the kernel, W read once): 64 on the 16-byte
+// tensor-core path, 8 on the 8-token paths (vector loads, or fp32 / pre-sm_80 scalar). Above it the
+// caller computes x·Wᵀ + b with cuBLAS and launch_fused adds the LoRA term (accumulate, K = 0).
+// use_mma: sm_80+ (as the Args' use_mma); x, w, their row strides and K as given to launch_fused.
+int64_t fused_max_rows(DType dtype, bool use_mma, const void* x, int64_t ldx, const void* w, int64_t ldw, int64_t K);
 
 cudaError_t launch_shrink(const ShrinkArgs& args, cudaStream_t stream);
 cudaError_t launch_fused(const FusedArgs& args, cudaStream_t stream);

@@ -41,11 +41,16 @@
 // (g, t) gives physical k = 8t..8t+7 of a 32-wide step to the fragment slots of logical k
 // {2t, 2t+1, 2t+8, 2t+9} of two MMAs; W and x use the same permutation, so no shared memory or
 // ldmatrix is needed. On CUDA cores alone M = 16 would already be compute bound (16·2·N·K flops at
-// ~60 TFLOP/s fp32 ≈ 9 us > 7 us of memory time). fp32 inputs, rows that are not 16-byte aligned
-// (K % 8 != 0, odd offsets) and GPUs before sm_80 take a scalar CUDA-core path: correct, slower.
+// ~60 TFLOP/s fp32 ≈ 9 us > 7 us of memory time). fp16/bf16 rows that are not 16-byte aligned
+// (K % 8 != 0, odd offsets or strides) take the vector path: the same kernel and fragments, each
+// thread's 8-element chunk read with 4- or 2-byte loads (mma_load_width: the widest the rows allow),
+// the K tail guarded per element group, in 8-token blocks (one tile size: nvcc time). fp32 inputs
+// and GPUs before sm_80 take a scalar CUDA-core path (8 tokens per block): correct, slower.
 //
 // Larger M (prefill) is compute bound; there the host code uses cuBLAS for x·Wᵀ + b and these
-// kernels for the shrink and for the expand only (accumulate mode: y += s·h·Bᵀ in place).
+// kernels for the shrink and for the expand only (accumulate mode: y += s·h·Bᵀ in place). The
+// 8-token paths (vector, scalar) would read W once per 8 rows, so they run fused only up to 8 rows
+// and switch to cuBLAS + the LoRA term above (fused_max_rows; the 16-byte path: up to 64 rows).
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -94,6 +99,30 @@ template <> struct Num<__nv_bfloat16> {
 };
 
 __device__ __forceinline__ uint4 ld16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+
+// 8 consecutive 2-byte elements at p (one thread's chunk of a k step) as a uint4, read with loads of
+// V elements (V = 8, 2, 1: 16-, 4-, 2-byte loads; p must be 2V-byte aligned). The register layout
+// is the 16-byte load's (element i in half i of the uint4, low half first), so the MMA fragment
+// permutation is the same for every V. V < 8 is the vector path for rows that are not 16-byte
+// aligned (K % 8 != 0, odd offsets or strides): the same tensor-core math with narrower loads.
+// No 8-byte variant: rows 8- but not 16-byte aligned take V = 2 (the same sectors, twice the load
+// instructions), which saves a third set of kernels' compile time.
+template <int V>
+__device__ __forceinline__ uint4 ld_chunk(const void* p) {
+  static_assert(V == 8 || V == 2 || V == 1, "V: elements per load");
+  if constexpr (V == 8) {
+    return ld16(p);
+  } else if constexpr (V == 2) {
+    const unsigned* q = static_cast<const unsigned*>(p);
+    return make_uint4(__ldg(q), __ldg(q + 1), __ldg(q + 2), __ldg(q + 3));
+  } else {
+    const unsigned short* q = static_cast<const unsigned short*>(p);
+    unsigned e[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) e[i] = __ldg(q + i);
+    return make_uint4(e[0] | e[1] << 16, e[2] | e[3] << 16, e[4] | e[5] << 16, e[6] | e[7] << 16);
+  }
+}
 
 // A plain (coherent) global load, for data that another grid may still be writing while this one
 // runs: h, the shrink's output, under programmatic dependent launch (__ldg's non-coherent path is
@@ -220,20 +249,40 @@ __device__ __forceinline__ void mma_step(float (&acc)[MT][4], const uint4& wa, c
   }
 }
 
+// The same chunk in the K tail of the vector path: only the elements before kend are loaded, the
+// others are zero (k: the chunk's first element). K % V == 0 (mma_load_width), so a group of V
+// elements is wholly in or out of the row: the guard is per group, i.e. per element for V = 1.
+template <int V, typename T>
+__device__ __forceinline__ uint4 ld_chunk_tail(const T* row, int64_t k, int64_t kend) {
+  static_assert(V == 2 || V == 1, "the 16-byte path guards whole chunks");
+  unsigned e[8];  // 32-bit words (V = 2: e[0..3]) or 16-bit elements (V = 1)
+  if constexpr (V == 2) {
+    const unsigned* q = reinterpret_cast<const unsigned*>(row + k);
+#pragma unroll
+    for (int g = 0; g < 4; ++g) e[g] = k + 2 * g < kend ? __ldg(q + g) : 0u;  // per-group tail guard
+    return make_uint4(e[0], e[1], e[2], e[3]);
+  } else {
+    const unsigned short* q = reinterpret_cast<const unsigned short*>(row + k);
+#pragma unroll
+    for (int g = 0; g < 8; ++g) e[g] = k + g < kend ? __ldg(q + g) : 0u;  // per-element tail guard
+    return make_uint4(e[0] | e[1] << 16, e[2] | e[3] << 16, e[4] | e[5] << 16, e[6] | e[7] << 16);
+  }
+}
+
 // U k-steps of a warp's W rows (g, g+8) and token rows, as 16-byte registers: one stage of the
 // software pipeline of the fused / shrink main loop. k0: this thread's first element; step u is at
-// k0 + u·kWarps·kStep. No predicates: the caller only loads whole stages.
-template <typename T, int MT, int U>
+// k0 + u·kWarps·kStep. No predicates: the caller only loads whole stages. V: elements per load.
+template <typename T, int MT, int U, int V>
 struct Stage {
   uint4 wa[U], wb[U], xv[U][MT];
   __device__ __forceinline__ void load(const T* w0, const T* w1, const T* const* xr, int64_t k0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t k = k0 + static_cast<int64_t>(u) * kWarps * kStep;
-      wa[u] = ld16(w0 + k);
-      wb[u] = ld16(w1 + k);
+      wa[u] = ld_chunk<V>(w0 + k);
+      wb[u] = ld_chunk<V>(w1 + k);
 #pragma unroll
-      for (int j = 0; j < MT; ++j) xv[u][j] = ld16(xr[j] + k);
+      for (int j = 0; j < MT; ++j) xv[u][j] = ld_chunk<V>(xr[j] + k);
     }
   }
   __device__ __forceinline__ void multiply(float (&acc)[MT][4]) const {
@@ -450,8 +499,21 @@ struct FusedEpilogue {
   }
 };
 
+// The scalar path runs fp32 everywhere but fp16/bf16 only below sm_80: on sm_80+ the host gives every
+// fp16/bf16 input the tensor-core path (mma_load_width >= 1), so those bodies are not compiled there
+// (nvcc time: CI builds csrc/ several times).
+template <typename T>
+constexpr bool kScalarCompiled =
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    sizeof(T) == 4;
+#else
+    true;
+#endif
+
 // The body shared by the shrink (SHRINK) and the fused forward. TM = 8·MT tokens per block.
-template <typename T, int MT, bool MMA, bool SHRINK>
+// V: elements per global load of x and W (A) on the tensor-core path (8: 16-byte loads; 2, 1:
+// the vector path for rows that are not 16-byte aligned, see mma_load_width); 8 on the scalar path.
+template <typename T, int MT, bool MMA, bool SHRINK, int V>
 __global__ void __launch_bounds__(kThreads, kMinBlocks(MMA, MT)) skinny_kernel(const Params p) {
   constexpr int TM = 8 * MT;
   using Epi = FusedEpilogue<T, TM, kCols>;
@@ -528,32 +590,41 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks(MMA, MT)) skinny_kernel(c
     // waited for one iteration after it was issued. (Loading and multiplying the same stage lets
     // ptxas interleave loads with the MMAs that consume them: ~4 in flight, measured in the SASS.)
     // tests/test_cuda_ext.py counts the loads in flight in the SASS; lora_kernels/plan/cuda.py uses it.
-    constexpr int U = kUnroll[MT];
+    // With 2-byte loads (V = 1) every element in flight holds a 32-bit register of its own: half the
+    // steps per stage, so the registers in flight stay those of the 16-byte path (no spills).
+    constexpr int U = V == 1 && kUnroll[MT] > 1 ? kUnroll[MT] / 2 : kUnroll[MT];
     constexpr int64_t kWarpStride = kWarps * kStep;
     constexpr int64_t kStage = U * kWarpStride;
     int64_t kb = kbeg + warp * kStep;
     const int64_t kfull = kend - ((U - 1) * kWarpStride + kStep);  // a stage at kb is whole iff kb <= kfull
     if (kb <= kfull) {  // warp-uniform
-      Stage<T, MT, U> cur;
+      Stage<T, MT, U, V> cur;
       cur.load(w0, w1, xr, kb + t4 * 8);
       for (kb += kStage; kb <= kfull; kb += kStage) {
-        Stage<T, MT, U> next;
+        Stage<T, MT, U, V> next;
         next.load(w0, w1, xr, kb + t4 * 8);
         cur.multiply(acc);
         cur = next;
       }
       cur.multiply(acc);  // the last whole stage
     }
-    // Peeled tail: this warp's last (fewer than U) steps one at a time; K % 8 == 0 on this path, so a
-    // thread's 8-element chunk is wholly in or out of [kbeg, kend).
-    const uint4 zero = make_uint4(0, 0, 0, 0);
+    // Peeled tail: this warp's last (fewer than U) steps one at a time, guarded: elements at or past
+    // kend read as zero and are never loaded. V = 8: K % 8 == 0, so a thread's chunk is wholly in or
+    // out; the vector path guards each group of V elements (K % 8 != 0 never reads the next row).
     for (; kb < kend; kb += kWarpStride) {  // warp-uniform
       const int64_t k = kb + t4 * 8;
-      const bool ok = k < kend;  // the tail guard
       uint4 xv[MT];
+      if constexpr (V == 8) {
+        const bool ok = k < kend;  // the tail guard
+        const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
-      for (int j = 0; j < MT; ++j) xv[j] = ok ? ld16(xr[j] + k) : zero;
-      mma_step<T, MT>(acc, ok ? ld16(w0 + k) : zero, ok ? ld16(w1 + k) : zero, xv);
+        for (int j = 0; j < MT; ++j) xv[j] = ok ? ld16(xr[j] + k) : zero;
+        mma_step<T, MT>(acc, ok ? ld16(w0 + k) : zero, ok ? ld16(w1 + k) : zero, xv);
+      } else {
+#pragma unroll
+        for (int j = 0; j < MT; ++j) xv[j] = ld_chunk_tail<V>(xr[j], k, kend);
+        mma_step<T, MT>(acc, ld_chunk_tail<V>(w0, k, kend), ld_chunk_tail<V>(w1, k, kend), xv);
+      }
     }
     // C fragment: c0,c1 = (col g, tokens 2t4, 2t4+1), c2,c3 = (col g+8, same tokens).
 #pragma unroll
@@ -564,7 +635,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks(MMA, MT)) skinny_kernel(c
       red[tok * kCols + g + 8] = acc[j][2];
       red[(tok + 1) * kCols + g + 8] = acc[j][3];
     }
-  } else {
+  } else if constexpr (kScalarCompiled<T>) {
     static_assert(MT == 1 || MMA, "the scalar path handles 8 tokens per block");
     // Lane l takes k = kb + l: a warp reads 32 consecutive elements of each of the 16 rows.
     float acc[kCols][8];
@@ -606,6 +677,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks(MMA, MT)) skinny_kernel(c
       red[(o % 8) * kCols + o / 8] = v;
       __syncwarp();
     }
+  } else {
+    __trap();  // fp16/bf16 scalar path in an sm_80+ binary: the host gives those the tensor cores
   }
   __syncthreads();
 
@@ -829,34 +902,45 @@ cudaError_t launch(Kernel kernel, bool fused, const Params& p0, unsigned gx, uns
   return cudaSuccess;
 }
 
-// `wide`: the fused forward of a 32- or 64-token tile runs as wide_kernel (64 columns per block: gx
-// is cdiv(N, kWideCols) then, see launch_fused); every other launch is skinny_kernel.
+// vec: 0 for the scalar path, else the tensor-core path's elements per load (mma_load_width). The
+// 16-byte kernels come in every tile size (MT); the vector path (vec < 8) in 8-token blocks only, as
+// the scalar path: its other sizes would cost more compile time (all of csrc/ is built several times
+// in CI) than they would save, since the host runs it fused only for M <= 8 (fused_max_rows).
+// `wide`: the fused forward of a 32- or 64-token tile on the 16-byte path runs as wide_kernel (64
+// columns per block: gx is cdiv(N, kWideCols) then, see launch_fused); every other launch is skinny_kernel.
 template <typename T, bool SHRINK>
-cudaError_t launch_mt(const Params& p, bool mma, int mt, bool wide, unsigned gx, unsigned gy, int64_t gz,
+cudaError_t launch_mt(const Params& p, int vec, int mt, bool wide, unsigned gx, unsigned gy, int64_t gz,
                       cudaStream_t stream) {
-  if (!mma) return launch(skinny_kernel<T, 1, false, SHRINK>, !SHRINK, p, gx, gy, gz, stream);
+  if (vec == 0) return launch(skinny_kernel<T, 1, false, SHRINK, 8>, !SHRINK, p, gx, gy, gz, stream);
   if constexpr (sizeof(T) == 2) {
+    if (vec != 8 && (mt != 1 || wide)) return cudaErrorInvalidValue;
     if constexpr (!SHRINK) {
       if (wide) return mt == 4 ? launch(wide_kernel<T, 4>, true, p, gx, gy, gz, stream)
                                : launch(wide_kernel<T, 8>, true, p, gx, gy, gz, stream);
     }
+    switch (vec) {
+      case 2: return launch(skinny_kernel<T, 1, true, SHRINK, 2>, !SHRINK, p, gx, gy, gz, stream);
+      case 1: return launch(skinny_kernel<T, 1, true, SHRINK, 1>, !SHRINK, p, gx, gy, gz, stream);
+      case 8: break;
+      default: return cudaErrorInvalidValue;  // never a load wider than the rows allow
+    }
     switch (mt) {
-      case 1: return launch(skinny_kernel<T, 1, true, SHRINK>, !SHRINK, p, gx, gy, gz, stream);
-      case 2: return launch(skinny_kernel<T, 2, true, SHRINK>, !SHRINK, p, gx, gy, gz, stream);
-      case 4: return launch(skinny_kernel<T, 4, true, SHRINK>, !SHRINK, p, gx, gy, gz, stream);
-      default: return launch(skinny_kernel<T, 8, true, SHRINK>, !SHRINK, p, gx, gy, gz, stream);
+      case 1: return launch(skinny_kernel<T, 1, true, SHRINK, 8>, !SHRINK, p, gx, gy, gz, stream);
+      case 2: return launch(skinny_kernel<T, 2, true, SHRINK, 8>, !SHRINK, p, gx, gy, gz, stream);
+      case 4: return launch(skinny_kernel<T, 4, true, SHRINK, 8>, !SHRINK, p, gx, gy, gz, stream);
+      default: return launch(skinny_kernel<T, 8, true, SHRINK, 8>, !SHRINK, p, gx, gy, gz, stream);
     }
   }
   return cudaErrorInvalidValue;  // fp32 never takes the MMA path
 }
 
 template <bool SHRINK>
-cudaError_t launch_dtype(DType dt, const Params& p, bool mma, int mt, bool wide, unsigned gx, unsigned gy,
+cudaError_t launch_dtype(DType dt, const Params& p, int vec, int mt, bool wide, unsigned gx, unsigned gy,
                          int64_t gz, cudaStream_t stream) {
   switch (dt) {
-    case DType::kFloat32: return launch_mt<float, SHRINK>(p, false, 1, false, gx, gy, gz, stream);
-    case DType::kFloat16: return launch_mt<__half, SHRINK>(p, mma, mt, wide, gx, gy, gz, stream);
-    case DType::kBFloat16: return launch_mt<__nv_bfloat16, SHRINK>(p, mma, mt, wide, gx, gy, gz, stream);
+    case DType::kFloat32: return launch_mt<float, SHRINK>(p, 0, 1, false, gx, gy, gz, stream);
+    case DType::kFloat16: return launch_mt<__half, SHRINK>(p, vec, mt, wide, gx, gy, gz, stream);
+    case DType::kBFloat16: return launch_mt<__nv_bfloat16, SHRINK>(p, vec, mt, wide, gx, gy, gz, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -921,10 +1005,30 @@ void fused_parts(int64_t M, int64_t N, int64_t K, bool use_mma, int num_sms, int
   *kparts = static_cast<int>(cdiv(K, *k_per_part));
 }
 
+int mma_load_width(DType dtype, const void* p0, int64_t ld0, const void* p1, int64_t ld1, int64_t task_stride,
+                   int64_t K) {
+  if (dtype == DType::kFloat32) return 0;
+  // Every load of V elements is at a row start plus a multiple of 8 elements (a thread's chunk) or,
+  // in the tail, of V: aligned to 2V bytes iff every row start is. K % V == 0 makes the tail's
+  // V-element groups wholly in or out of the row.
+  const uintptr_t a0 = reinterpret_cast<uintptr_t>(p0), a1 = reinterpret_cast<uintptr_t>(p1);
+  for (const int v : {8, 2}) {
+    if (K % v == 0 && ld0 % v == 0 && ld1 % v == 0 && task_stride % v == 0 && a0 % (2 * v) == 0 && a1 % (2 * v) == 0)
+      return v;
+  }
+  return 1;
+}
+
 bool can_use_mma(DType dtype, const void* p0, int64_t ld0, const void* p1, int64_t ld1, int64_t task_stride, int64_t K) {
-  if (dtype == DType::kFloat32) return false;
-  return K % 8 == 0 && ld0 % 8 == 0 && ld1 % 8 == 0 && task_stride % 8 == 0 &&
-         reinterpret_cast<uintptr_t>(p0) % 16 == 0 && reinterpret_cast<uintptr_t>(p1) % 16 == 0;
+  return mma_load_width(dtype, p0, ld0, p1, ld1, task_stride, K) == 8;
+}
+
+int64_t fused_max_rows(DType dtype, bool use_mma, const void* x, int64_t ldx, const void* w, int64_t ldw, int64_t K) {
+  // 16-byte tensor-core kernels: up to 64 tokens per block, W read once for M <= 64. The vector
+  // path and the scalar path (fp32, pre-sm_80) take 8 tokens per block: above 8 rows they would
+  // read W once per 8 rows, where cuBLAS reads it about once.
+  const int vec = use_mma ? mma_load_width(dtype, x, ldx, w, ldw, 0, K) : 0;
+  return vec == 8 ? 64 : 8;
 }
 
 cudaError_t launch_shrink(const ShrinkArgs& a, cudaStream_t stream) {
@@ -938,7 +1042,8 @@ cudaError_t launch_shrink(const ShrinkArgs& a, cudaStream_t stream) {
   p.ksplit = a.ksplit; p.r = a.r;
   p.tickets = a.tickets; p.num_tickets = a.num_tickets;
   const int tt = a.tile_tokens;
-  const int tm = a.use_mma ? tt : 8;  // tokens per block
+  const int vec = a.use_mma ? mma_load_width(a.dtype, a.x, a.ldx, a.a, a.K, a.a_task_stride, a.K) : 0;
+  const int tm = vec == 8 ? tt : 8;  // tokens per block: the vector and scalar paths take 8
   int64_t gz;
   if (a.tiles != nullptr) {
     if (a.num_tiles == 0) return cudaSuccess;
@@ -948,7 +1053,7 @@ cudaError_t launch_shrink(const ShrinkArgs& a, cudaStream_t stream) {
     p.subs = 1;
     gz = cdiv(a.M, tm);
   }
-  return launch_dtype<true>(a.dtype, p, a.use_mma, tm / 8, false, static_cast<unsigned>(cdiv(a.r, kCols)),
+  return launch_dtype<true>(a.dtype, p, vec, tm / 8, false, static_cast<unsigned>(cdiv(a.r, kCols)),
                             static_cast<unsigned>(a.ksplit), gz, stream);
 }
 
@@ -967,11 +1072,14 @@ cudaError_t launch_fused(const FusedArgs& a, cudaStream_t stream) {
   p.kparts = a.kparts > 1 ? a.kparts : 1;
   p.k_per_split = p.kparts > 1 ? a.k_per_part : a.K;
   p.part = a.part; p.tickets = a.tickets;
-  const int tm = a.use_mma ? tile_tokens_for(a.M) : 8;
-  if (a.wide && !(a.use_mma && tm > 16)) return cudaErrorInvalidValue;  // not what fused_wide() answers
+  // Accumulate mode (K = 0) loads no x or W: the 16-byte kernel's 64-token tiles whatever the rows.
+  const int vec = !a.use_mma || a.dtype == DType::kFloat32 ? 0
+                  : a.K == 0 ? 8 : mma_load_width(a.dtype, a.x, a.ldx, a.w, a.ldw, 0, a.K);
+  const int tm = vec == 8 ? tile_tokens_for(a.M) : 8;
+  if (a.wide && !(vec == 8 && tm > 16)) return cudaErrorInvalidValue;  // not what fused_wide() answers
   if (a.wide && a.K >= (int64_t{1} << 31)) return cudaErrorInvalidValue;  // its k offsets are 32-bit
   const int cols = a.wide ? kWideCols : kCols;
-  return launch_dtype<false>(a.dtype, p, a.use_mma, tm / 8, a.wide, static_cast<unsigned>(cdiv(a.N, cols)),
+  return launch_dtype<false>(a.dtype, p, vec, tm / 8, a.wide, static_cast<unsigned>(cdiv(a.N, cols)),
                              static_cast<unsigned>(p.kparts), cdiv(a.M, tm), stream);
 }
 

@@ -45,8 +45,9 @@ SINGLE = [  # (M, K, N, r): tails in every dim, r over the 64-wide expand chunk,
 def test_single_task(emu, m, k, n, r, dtype):
     x, w, bias, a, b = _inputs(m, k, n, r, dtype)
     y, info = run(emu, x, w, bias, a, b, scale=0.75)
-    if dtype != torch.float32 and k % 8 == 0:
-        assert info % 1000 // 10 == 11, f"expected the tensor-core path, harness says {info}"
+    if dtype != torch.float32:  # every fp16/bf16 shape runs on tensor cores (K % 8 != 0: narrower loads)
+        assert min(emulator.mma_counts(emu)) > 0, f"expected the tensor-core path, harness says {info}"
+        assert emulator.load_sizes(emu, "weight") == ({16} if k % 8 == 0 else {2})
     ref = reference.lora_linear(x.double(), w.double(), bias.double(), a.double(), b.double(), 0.75)
     assert_close(y, ref, dtype)
 
@@ -69,13 +70,13 @@ def test_wide_kernel(emu, m, k, n, num_sms, dtype, eager):
     the emulator (copies landing at their wait or at issue) with its shared-memory race check."""
     x, w, bias, a, b = _inputs(m, k, n, 5, dtype, seed=m + k)
     y, info = run(emu, x, w, bias, a, b, scale=0.75, num_sms=num_sms, cp_async_eager=eager)
-    assert info % 100 == 11, f"expected wide_kernel on tensor cores, harness says {info}"
+    assert info % 100 == 12, f"expected wide_kernel on tensor cores, harness says {info}"
     assert_close(y, reference.lora_linear(x.double(), w.double(), bias.double(), a.double(), b.double(), 0.75), dtype)
     ids = torch.randint(-1, 3, (m,), generator=torch.Generator().manual_seed(m)).long()
     x, w, bias, a, b = _inputs(m, k, n, 5, dtype, t=3, seed=k)
     scales = torch.rand(3, generator=torch.Generator().manual_seed(k)) + 0.5
     y, info = run(emu, x, w, bias, a, b, scales=scales, routing=Routing(ids, 3), num_sms=num_sms, cp_async_eager=eager)
-    assert info % 100 == 11
+    assert info % 100 == 12
     ref = reference.lora_linear_mixed(x.double(), w.double(), bias.double(), a.double(), b.double(), scales.double(), ids)
     assert_close(y, ref, dtype)
 
@@ -122,15 +123,79 @@ def test_fused_k_split_across_blocks(emu, m, k, n, num_sms, dtype):
     assert_close(y, ref, dtype)
 
 
+def _width(k, *operands):
+    """The load width (elements) the host must pick: the widest of 8, 2, 1 that K, every row stride
+    and every base address allow (independent of csrc/'s mma_load_width, which it checks)."""
+    for v in (8, 2):
+        if k % v == 0 and all(t.data_ptr() % (2 * v) == 0 and t.stride(0) % v == 0 for t in operands):
+            return v
+    return 1
+
+
+VECTOR = [  # (M, K, N, r, x offset, W row pad): rows that are not 16-byte aligned
+    (1, 17, 40, 1, 0, 0), (5, 2049, 24, 4, 0, 0), (8, 1001, 33, 16, 0, 0),  # odd K: 2-byte loads
+    (3, 4100, 20, 8, 0, 0), (7, 4098, 18, 1, 0, 0),  # K % 8 = 4, 2: 4-byte loads
+    (4, 264, 24, 8, 1, 0), (4, 264, 24, 70, 2, 0), (6, 1032, 24, 8, 4, 0),  # x 2-, 4-, 8-byte aligned
+    (2, 520, 40, 4, 0, 1), (2, 520, 40, 4, 0, 2),  # W a column slice: odd / even row stride
+    (2, 3, 20, 1, 0, 0), (3, 1001, 24, 2, 3, 5),  # K < 8 (tail only); odd K, x offset and odd W stride together
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_misaligned_rows_take_the_scalar_path(emu, dtype):
-    m, k, n, r = 3, 64, 24, 4
-    x, w, bias, a, b = _inputs(m, k, n, r, dtype)
-    xs = torch.empty(m * k + 1, dtype=dtype)[1:].view(m, k)  # 2-byte aligned only
-    xs.copy_(x)
-    y, info = run(emu, xs, w, bias, a, b, scale=1.0)
-    assert info % 1000 == 0, f"misaligned x must not take the 16-byte path, harness says {info}"
-    assert_close(y, reference.lora_linear(x.double(), w.double(), bias.double(), a.double(), b.double(), 1.0), dtype)
+@pytest.mark.parametrize("m,k,n,r,x_off,w_pad", VECTOR)
+def test_vector_path(emu, m, k, n, r, x_off, w_pad, dtype):
+    """fp16/bf16 rows that are not 16-byte aligned run on tensor cores with 4- or 2-byte loads (the
+    widest the rows allow; the emulator faults a load wider than its address's alignment), the K tail
+    guarded per element, against float64 with a poisoned output and NaN around every row."""
+    x0, w0, bias, a, b = _inputs(m, k, n, r, dtype, seed=k + x_off)
+    x, w = emulator.placed(x0, x_off), emulator.placed(w0, 0, w_pad)
+    y, info = run(emu, x, w, bias, a, b, scale=0.75)
+    v_fused, v_shrink = _width(k, x, w), _width(k, x, a)
+    assert (v_fused, v_shrink) != (8, 8), "the case must not be 16-byte aligned"
+    shrink_mmas, fused_mmas = emulator.mma_counts(emu)
+    assert shrink_mmas > 0 and fused_mmas > 0, f"expected the tensor-core kernels, harness says {info}"
+    assert emulator.load_sizes(emu, "weight") == {2 * v_fused}, emulator.load_sizes(emu, "weight")
+    assert emulator.load_sizes(emu, "lora_a") == {2 * v_shrink}, emulator.load_sizes(emu, "lora_a")
+    assert emulator.load_sizes(emu, "x") == {2 * v_fused, 2 * v_shrink}, emulator.load_sizes(emu, "x")
+    ref = reference.lora_linear(x0.double(), w0.double(), bias.double(), a.double(), b.double(), 0.75)
+    assert_close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_aligned_rows_keep_16_byte_loads(emu, dtype):
+    x, w, bias, a, b = _inputs(5, 1040, 24, 8, dtype)
+    y, _ = run(emu, x, w, bias, a, b, scale=0.5)
+    assert emulator.load_sizes(emu, "weight") == {16} and emulator.load_sizes(emu, "x") == {16}
+    assert_close(y, reference.lora_linear(x.double(), w.double(), bias.double(), a.double(), b.double(), 0.5), dtype)
+
+
+def test_fused_rows_rule(emu):
+    """Rows up to which the forward runs fused: 64 on the 16-byte tensor-core kernels, 8 on the 8-token
+    ones (vector loads, fp32 and pre-sm_80 scalar), which would read W once per 8 rows above that."""
+    x, w, *_ = _inputs(4, 64, 16, 1, torch.bfloat16)
+    assert emulator.fused_max_rows(emu, x, w) == 64
+    assert emulator.fused_max_rows(emu, x, w, allow_mma=False) == 8
+    assert emulator.fused_max_rows(emu, emulator.placed(x, 1), w) == 8
+    assert emulator.fused_max_rows(emu, x, emulator.placed(w, 0, 2)) == 8
+    x, w, *_ = _inputs(4, 66, 16, 1, torch.float16)
+    assert emulator.fused_max_rows(emu, x, w) == 8
+    x, w, *_ = _inputs(4, 64, 16, 1, torch.float32)
+    assert emulator.fused_max_rows(emu, x, w) == 8
+
+
+@pytest.mark.parametrize("dtype,k,x_off", [(torch.float32, 72, 0), (torch.float32, 37, 0), (torch.bfloat16, 1001, 0),
+                                           (torch.float16, 264, 1)], ids=str)
+@pytest.mark.parametrize("m", [8, 9, 16, 64])
+def test_8_token_paths_above_8_rows_run_the_lora_term_only(emu, m, k, x_off, dtype):
+    """fp32 and the vector path above 8 rows: x·Wᵀ + b from the base GEMM (the harness stands in for
+    cuBLAS), the kernels add the LoRA term only (W is not re-read once per 8 rows); up to 8 rows fused."""
+    n, r = 24, 5
+    x0, w, bias, a, b = _inputs(m, k, n, r, dtype, seed=m)
+    x = emulator.placed(x0, x_off)
+    y, info = run(emu, x, w, bias, a, b, scale=1.5, accumulate="auto")
+    assert info % 10 == (1 if m > 8 else 0), f"M={m}: expected {'the LoRA term only' if m > 8 else 'fused'}, got {info}"
+    ref = reference.lora_linear(x0.double(), w.double(), bias.double(), a.double(), b.double(), 1.5)
+    assert_close(y, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -166,6 +231,28 @@ def test_mixed_tasks(emu, m, k, n, r, t, kind, dtype):
     base, _ = run(emu, x, w, bias, a, b, scales=scales, routing=Routing(torch.full_like(ids, -1), t))
     none = ids < 0
     assert torch.equal(y[none], base[none]), "-1 rows must be exactly the base output"
+
+
+MIXED_VECTOR = [(6, 1001, 24, 8, 3, 0), (20, 4098, 17, 5, 4, 0), (8, 17, 40, 1, 8, 0), (8, 264, 33, 16, 3, 1),
+                (12, 264, 20, 3, 5, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m,k,n,r,t,x_off", MIXED_VECTOR)
+def test_mixed_tasks_vector_path(emu, m, k, n, r, t, x_off, dtype):
+    """Mixed tasks (with -1 rows) on rows that are not 16-byte aligned, as the host runs them: fused up
+    to 8 rows, the LoRA term on the base GEMM's output above; -1 rows are exactly the base."""
+    x0, w, bias, a, b = _inputs(m, k, n, r, dtype, t=t, seed=k)
+    x = emulator.placed(x0, x_off)
+    scales = torch.rand(t, generator=torch.Generator().manual_seed(1)) + 0.5
+    ids = _ids("random", m, t, seed=m)
+    ids[0] = -1
+    y, info = run(emu, x, w, bias, a, b, scales=scales, routing=Routing(ids, t), accumulate="auto")
+    assert emulator.mma_counts(emu)[0] > 0 and emulator.load_sizes(emu, "lora_a") == {2 * _width(k, x, a[0])}
+    ref = reference.lora_linear_mixed(x0.double(), w.double(), bias.double(), a.double(), b.double(), scales.double(), ids)
+    assert_close(y, ref, dtype)
+    base, _ = run(emu, x, w, bias, a, b, scales=scales, routing=Routing(torch.full_like(ids, -1), t), accumulate="auto")
+    assert torch.equal(y[ids < 0], base[ids < 0]), "-1 rows must be exactly the base output"
 
 
 def test_mixed_expand_only(emu):

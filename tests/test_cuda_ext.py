@@ -112,7 +112,7 @@ def test_half_kernels_use_tensor_cores(compiled, arch):
 
 
 # The fused bf16 forward kernels, as (kernel, MT) -> mangled name prefix.
-FUSED_BF16 = {**{("skinny", mt): f"skinny_kernelI13__nv_bfloat16Li{mt}ELb1ELb0E" for mt in (1, 2, 4, 8)},
+FUSED_BF16 = {**{("skinny", mt): f"skinny_kernelI13__nv_bfloat16Li{mt}ELb1ELb0ELi8EE" for mt in (1, 2, 4, 8)},
               **{("wide", mt): f"wide_kernelI13__nv_bfloat16Li{mt}E" for mt in (4, 8)}}
 
 
@@ -191,22 +191,26 @@ def _main_loop(body):
     return loop
 
 
-def sass_loads_in_flight(loop) -> tuple[int, int]:
-    """(16-byte global loads per iteration, most of them in flight at once) in a loop's SASS.
+def sass_loads_in_flight(loop, width: int = 16) -> tuple[int, int]:
+    """(``width``-byte global loads per iteration, most of them in flight at once) in a loop's SASS.
 
-    A load is in flight from its LDG.E.128 until the first instruction that reads one of its four
-    destination registers. Two passes over the body: a software pipeline's loads are read in the
-    next iteration, so the second pass sees what the back edge carries. cp.async's LDGSTS (global ->
-    shared, no register destination) is not counted: it is awaited by DEPBAR, not by a register read.
+    A load is in flight from its LDG (LDG.E.128 for 16 bytes, LDG.E for 4, LDG.E.U16 for 2) until the
+    first instruction that reads one of its destination registers. Two passes over the body: a
+    software pipeline's loads are read in the next iteration, so the second pass sees what the back
+    edge carries. cp.async's LDGSTS (global -> shared, no register destination) is not counted: it
+    is awaited by DEPBAR, not by a register read.
     """
+    suffix = {16: ".128", 8: ".64", 4: "", 2: ".U16"}[width]
+    nregs = max(1, width // 4)
     pending: list[int] = []
     per_iter = peak = 0
     for second in (False, True):
         for _, opc, ops in loop:
             srcs = [o for o in ops if "[" in o] if opc.startswith(("LDG", "STG", "LDS", "STS")) else ops[1:]
             used = {r for o in srcs for r in _regs(o)}
-            pending = [p for p in pending if not used & set(range(p, p + 4))]
-            if opc.startswith("LDG") and not opc.startswith("LDGSTS") and ".128" in opc:
+            pending = [p for p in pending if not used & set(range(p, p + nregs))]
+            size = re.match(r"LDG\.E((?:\.(?:128|64|U16|S16|U8|S8))?)", opc)
+            if size and size.group(1) == suffix:
                 pending.append(_regs(ops[0])[0])
                 per_iter += not second
             if second:
@@ -234,6 +238,32 @@ def test_launch_plan_loads_in_flight_match_the_sass(compiled, arch):
         assert peak == want, (f"{arch} {kernel} MT={mt}: {peak} 16-byte loads in flight in the SASS, the plan says "
                               f"{want}: update lora_kernels/plan/cuda.py")
         assert peak >= 0.8 * per_iter, f"{arch} {kernel} MT={mt}: only {peak} of {per_iter} loads in flight: loads wait on MMAs"
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_vector_path_loads_in_the_sass(compiled, arch):
+    """The vector path (rows not 16-byte aligned) really loads 4 or 2 bytes at a time, none wider, and
+    keeps as many loads in flight as the plan says (VECTOR_LOADS_IN_FLIGHT), for the fused and the
+    shrink kernels of both 2-byte dtypes."""
+    from lora_kernels.plan import cuda as plan
+
+    sass = _sass(compiled, arch)
+    seen = set()
+    for name, body in _sass_functions(sass).items():
+        m = re.search(r"skinny_kernelI(13__nv_bfloat16|6__half)Li1ELb1ELb([01])ELi([12])EE", name)
+        if not m:
+            continue
+        v = int(m.group(3))
+        seen.add((m.group(1), m.group(2), v))
+        loop = _main_loop(body)
+        widths = {re.match(r"LDG\.E((?:\.(?:128|64|U16|S16|U8|S8))?)", o).group(1) for _, o, _ in loop
+                  if o.startswith("LDG")}
+        assert widths == {"" if v == 2 else ".U16"}, f"{name}: loads {widths} in the K loop, expected {2 * v}-byte only"
+        per_iter, peak = sass_loads_in_flight(loop, width=2 * v)
+        print(f"{arch} {m.group(1)} shrink={m.group(2)} V={v}: {per_iter} loads per iteration, {peak} in flight")
+        assert peak == plan.VECTOR_LOADS_IN_FLIGHT[v], (f"{name}: {peak} loads in flight in the SASS, the plan says "
+                                                        f"{plan.VECTOR_LOADS_IN_FLIGHT[v]}")
+    assert len(seen) == 8, f"vector-path kernels missing from the {arch} SASS: {sorted(seen)}"
 
 
 def test_sass_counter_sees_an_interleaved_loop():
@@ -551,6 +581,70 @@ def test_single_misaligned_and_strided(ext, dtype):
     ref = _ref_single(x, w, bb, a, b, 2.0)
     assert_close(y, ref, dtype)
     assert_close(y3, _ref_single(x, w, None, a, b, 2.0).view(1, m, n), dtype)
+
+
+ODD_K_CASES = [  # (M, K, N, r): K % 8 != 0. M <= 8: the vector path; M > 8: cuBLAS base + LoRA-term kernels
+    (1, 17, 129, 1), (5, 2049, 1000, 16), (8, 1001, 4096, 64), (3, 4100, 520, 8), (8, 4098, 256, 1),
+    (9, 1001, 264, 8), (33, 4098, 520, 16), (64, 17, 136, 4),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,k,n,r", ODD_K_CASES)
+def test_single_odd_k_vs_reference(ext, m, k, n, r, dtype):
+    x, w, bb, a, b = _single_inputs(m, k, n, r, dtype, seed=k)
+    _poison_pool(m * n, 64 * r * m, dtype=dtype)
+    with torch.no_grad():
+        y = ext.lora_linear(x, w, bb, a, b, 0.75)
+    assert_close(y, _ref_single(x, w, bb, a, b, 0.75), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("x_off,w_pad", [(1, 0), (2, 0), (4, 0), (0, 1), (0, 2), (3, 3)])
+@pytest.mark.parametrize("m", [1, 8, 9, 40])
+def test_misaligned_rows_vs_reference(ext, m, x_off, w_pad, dtype):
+    """x starting 2, 4 or 8 bytes past a 16-byte boundary, W a column slice with an odd or even row
+    stride: 2- or 4-byte loads on tensor cores (M <= 8), cuBLAS + LoRA-term kernels above."""
+    k, n, r = 1032, 264, 8
+    x, w, bb, a, b = _single_inputs(m, k, n, r, dtype, seed=m + x_off)
+    xs = torch.full((m * k + x_off,), float("nan"), device="cuda", dtype=dtype)[x_off:].view(m, k)
+    xs.copy_(x)
+    wide = torch.full((n, k + w_pad), float("nan"), device="cuda", dtype=dtype)
+    ws = wide[:, :k]
+    ws.copy_(w)
+    with torch.no_grad():
+        y = ext.lora_linear(xs, ws, bb, a, b, 1.5)
+    assert_close(y, _ref_single(x, w, bb, a, b, 1.5), dtype)
+    ids = _ids("random", m, 3, seed=m).cuda()
+    a3, b3 = a.expand(3, r, k).contiguous(), b.expand(3, n, r).contiguous()
+    scales = torch.tensor([0.5, 1.0, 2.0], device="cuda")
+    with torch.no_grad():
+        ym = ext.lora_linear_mixed(xs, ws, bb, a3, b3, scales, ids)
+    ref = reference.lora_linear_mixed(x.double(), w.double(), bb.double(), a3.double(), b3.double(), scales.double(), ids)
+    assert_close(ym, ref, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [8, 9, 16, 64, 65])
+def test_fp32_above_8_rows_vs_reference(ext, m):
+    """fp32 above 8 rows: cuBLAS for x·Wᵀ + b, the kernels for the LoRA term only (the scalar fused
+    kernel would read W once per 8 rows)."""
+    dtype = torch.float32
+    x, w, bb, a, b = _single_inputs(m, 2049, 1000, 16, dtype, seed=m)
+    _poison_pool(m * 1000, dtype=dtype)
+    with torch.no_grad():
+        y = ext.lora_linear(x, w, bb, a, b, 0.5)
+    assert_close(y, _ref_single(x, w, bb, a, b, 0.5), dtype)
+    x, w, bb, a, b, scales = _mixed_inputs(m, 520, 264, 8, 4, dtype, seed=m)
+    ids = _ids("random", m, 4, seed=m).cuda()
+    with torch.no_grad():
+        y = ext.lora_linear_mixed(x, w, bb, a, b, scales, ids)
+        base = ext.lora_linear_mixed(x, w, bb, a, b, scales, torch.full_like(ids, -1))
+    ref = reference.lora_linear_mixed(x.double(), w.double(), bb.double(), a.double(), b.double(), scales.double(), ids)
+    assert_close(y, ref, dtype)
+    assert torch.equal(y[ids < 0], base[ids < 0])
 
 
 @pytest.mark.gpu

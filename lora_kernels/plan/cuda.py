@@ -48,8 +48,17 @@ WIDE_SMEM = {4: 21008, 8: 42000}
 # cp.async, not through registers).
 LOADS_IN_FLIGHT = {1: 12, 2: 16, 4: 10, 8: 18}
 WIDE_LOADS_IN_FLIGHT = {4: 4, 8: 4}
+# The vector path (fp16/bf16 rows that are not 16-byte aligned: K % 8 != 0, odd offsets or strides;
+# csrc/lora_linear.cu ld_chunk) runs the same tensor-core kernel in 8-token blocks with V-element
+# loads, V = 2 (4-byte) or 1 (2-byte): 8/V loads per thread per 16-byte chunk. Loads in flight per
+# thread in its K loop, read from the SASS like LOADS_IN_FLIGHT (tests/test_cuda_ext.py): 48 for
+# both, i.e. 192 B (V = 2, as the 16-byte path at MT = 1) or 96 B (V = 1) per thread, 2/3 of it W.
+# Not in plan_rows (the benchmark shapes are aligned). Prediction, not modelled here: 4- and 2-byte
+# loads move the same sectors with 4x / 8x the load instructions, so the vector path is expected to
+# be bound by L1 request throughput below the 16-byte path's bandwidth, most for V = 1.
+VECTOR_LOADS_IN_FLIGHT = {2: 48, 1: 48}
 HBM_LATENCY_S = 700e-9      # loaded HBM latency (H100/H200 class), a model constant
-FUSED_MAX_ROWS = 64         # bindings.cpp kFusedMaxRows
+FUSED_MAX_ROWS = 64         # csrc fused_max_rows on the 16-byte tensor-core path (8-token paths: 8)
 
 
 def tile_tokens(m: int) -> int:

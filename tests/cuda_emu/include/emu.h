@@ -102,7 +102,9 @@ constexpr int kThreads = 256;
 // alignment of its type (a 16-byte load of a 2-byte-aligned row is a misaligned-address fault on a
 // GPU, and a read past a tensor's end is garbage or a fault there). A bad load is recorded (the
 // first one, for the report) and reads zero instead of touching the memory.
-struct Range { uintptr_t begin, end; const char* name; };
+// `sizes`: the load widths seen in this buffer (bit b set: a 2^b-byte load), so a test can tell
+// which load path ran.
+struct Range { uintptr_t begin, end; const char* name; unsigned sizes = 0; };
 inline std::vector<Range> g_ranges;
 inline char g_fault[256] = "";
 inline void check_load(const void* ptr, size_t bytes, size_t align) {
@@ -113,8 +115,11 @@ inline void check_load(const void* ptr, size_t bytes, size_t align) {
              static_cast<unsigned long>(p), align);
     return;
   }
-  for (const Range& r : g_ranges)
-    if (p >= r.begin && p + bytes <= r.end) return;
+  for (Range& r : g_ranges)
+    if (p >= r.begin && p + bytes <= r.end) {
+      r.sizes |= 1u << __builtin_ctzl(bytes);
+      return;
+    }
   snprintf(g_fault, sizeof g_fault, "out-of-bounds %zu-byte load at %#lx (in no input buffer)", bytes,
            static_cast<unsigned long>(p));
 }
@@ -310,10 +315,14 @@ inline void launch(const std::function<void()>& body, dim3 grid, int threads) {
 template <class T> inline float tof(uint16_t bits) { return __half2float(__half{bits}); }
 template <> inline float tof<__nv_bfloat16>(uint16_t bits) { return __bfloat162float(__nv_bfloat16{bits}); }
 
+// Warp-level MMAs executed (counted once per warp, by lane 0): tells a test the tensor-core path ran.
+inline int64_t g_mma_count = 0;
+
 // d += A(16x16) B(16x8) for the warp; every lane passes its fragment registers.
 template <class T>
 void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) ++g_mma_count;
   Block& bk = *g_block;
   bk.mma_a[warp][lane][0] = a0; bk.mma_a[warp][lane][1] = a1; bk.mma_a[warp][lane][2] = a2; bk.mma_a[warp][lane][3] = a3;
   bk.mma_b[warp][lane][0] = b0; bk.mma_b[warp][lane][1] = b1;
