@@ -428,13 +428,37 @@ struct FusedEpilogue {
       __syncthreads();
       if (!last_s) return;
       __threadfence();  // the other parts' partials, made visible by their fences, are read after the ticket
+      if constexpr (COLS == kCols) {
+        // skinny_kernel: a partial tile is 16 columns (<= 4 KiB): read every part back, in part order.
 #pragma unroll 4
-      for (int q = 0; q < Q; ++q) {
-        const int tok = tok0 + kTokStride * q;
-        float v = 0.f;
-        if (tok < TM && rows_s[tok] >= 0 && n < p.N)
-          for (int s = 0; s < p.kparts; ++s) v += ld_cg(p.part + (static_cast<int64_t>(s) * p.M + rows_s[tok]) * p.N + n);
-        if (tok < TM) o[tok * COLS + c] = v;
+        for (int q = 0; q < Q; ++q) {
+          const int tok = tok0 + kTokStride * q;
+          float v = 0.f;
+          if (tok < TM && rows_s[tok] >= 0 && n < p.N)
+            for (int s = 0; s < p.kparts; ++s) v += ld_cg(p.part + (static_cast<int64_t>(s) * p.M + rows_s[tok]) * p.N + n);
+          if (tok < TM) o[tok * COLS + c] = v;
+        }
+      } else {
+        // wide_kernel: a partial tile is up to 16 KiB and the join is serial after the W stream. This
+        // block's own part is still in o, so only the other kparts - 1 are read back; parts outer and
+        // this thread's Q outputs inner, so the Q loads of a part are in flight together (kparts - 1
+        // round trips to L2, not Q·(kparts - 1)). The sum runs in part order whichever block is last:
+        // deterministic.
+        static_assert(TM % kTokStride == 0, "every q is a token of the tile (no tok < TM guards)");
+        float v[Q];
+#pragma unroll
+        for (int q = 0; q < Q; ++q) v[q] = 0.f;
+        const float* part = p.part + n;
+        for (int s = 0; s < p.kparts; ++s, part += p.M * p.N) {
+#pragma unroll
+          for (int q = 0; q < Q; ++q) {
+            const int tok = tok0 + kTokStride * q;
+            if (rows_s[tok] < 0 || n >= p.N) continue;
+            v[q] += s == split ? o[tok * COLS + c] : ld_cg(part + rows_s[tok] * p.N);  // own part from shared memory
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < Q; ++q) o[(tok0 + kTokStride * q) * COLS + c] = v[q];
       }
     }
     // Expand: o += s(t) · sum_j h[row, j] · B[t][n, j], h staged in kRC-wide chunks (fp32).

@@ -130,8 +130,9 @@ def plan_row(gpu: GPU, k: int, n: int, r: int, m: int, tasks: int = 1, elem: int
     x_l2_bytes = math.ceil(n / cols) * m * k * elem if fused else 0
     l2_bytes = w_bytes + x_l2_bytes + part_l2_bytes + math.ceil(n / cols) * h_bytes
     t_l2 = l2_bytes / (L2_BW_RATIO * gpu.bw)
-    # The join: the last block of a tile reads kparts partial tiles [tm, cols] (fp32) at one SM's rate.
-    t_join = kparts * tm * cols * 4 / SM_BW if kparts > 1 else 0.0
+    # The join: the last block of a tile reads the partial tiles [tm, cols] (fp32) at one SM's rate: the
+    # other kparts - 1 in wide_kernel (its own is still in shared memory), all kparts in skinny_kernel.
+    t_join = (kparts - (1 if wide else 0)) * tm * cols * 4 / SM_BW if kparts > 1 else 0.0
     flops = 2 * m * n * k + 2 * m * r * (k + n)
     compute = flops / (gpu.tc_bf16 * gpu.tc_eff)
     launches = 2 if fused else 3
